@@ -211,8 +211,10 @@ def test_decode_inverts_encode(tok, text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text())
+@given(text=st.text(st.characters(exclude_categories=("Cs", "Cn"))))
 def test_ids_equal_hf_on_arbitrary_text(tok, hf, text):
+    # Unassigned code points (Cn in Python's Unicode tables) are left out: the two regex engines may carry
+    # different Unicode versions, and a character new to one of them could be a letter to it only.
     assert tok.encode(text, bos=False, eos=False) == _hf_ids(hf, text)
 
 
