@@ -130,7 +130,12 @@ def main(argv=None) -> int:
             break
         dialog.append({"role": "user", "content": question})
         print("assistant: ", end="", flush=True)
-        tokens, stop_reason = stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
+        try:
+            tokens, stop_reason = stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
+        except ValueError as e:  # e.g. the dialog no longer fits the context
+            print(f"\nerror: {e}", file=sys.stderr)
+            dialog.pop()
+            continue
         ended = {"eot": [llama.tokenizer.eot_id], "eom": [llama.tokenizer.eom_id]}.get(stop_reason, [])
         dialog.append(llama.formatter.decode_assistant_reply(tokens + ended).to_message())
     return 0
