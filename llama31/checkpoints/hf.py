@@ -1,0 +1,142 @@
+"""Hugging Face checkpoint folders: config.json + model.safetensors (or model-0000N-of-0000M.safetensors
+with model.safetensors.index.json).
+
+Reading yields tensors under Meta's names with wq/wk rows back in Meta's interleaved order, one tensor at a
+time, so that a model never needs two copies of its weights in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama31.checkpoints.names import hf_rows_to_meta, hf_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
+from llama31.config import ModelArgs
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Present in some older exports; derived from the config, never loaded.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+class HFCheckpoint:
+    """An HF folder opened for reading: args, the tensor names (Meta's), and read(name)."""
+
+    format = "hf"
+
+    def __init__(self, path: Path):
+        self.path = path
+        config_file = path / "config.json"
+        try:
+            self.config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        self.args = ModelArgs.from_hf_config(self.config, source=str(config_file))
+        self.quantization = self.config.get("quantization_config")
+        self._file_of: dict[str, Path] = {}  # HF name -> file
+        if (path / INDEX_FILE).is_file():
+            index = json.loads((path / INDEX_FILE).read_text())
+            if "weight_map" not in index:
+                raise ValueError(f"{path / INDEX_FILE}: has no 'weight_map'; is it a safetensors index?")
+            for hf_name, file in index["weight_map"].items():
+                if not (path / file).is_file():
+                    raise FileNotFoundError(f"{path / INDEX_FILE} names {file} for {hf_name}, but {path / file} "
+                                            "does not exist; download the missing shard")
+                self._file_of[hf_name] = path / file
+        else:
+            with safe_open(path / SINGLE_FILE, framework="pt") as f:
+                self._file_of = {name: path / SINGLE_FILE for name in f.keys()}
+        self._handles: dict[Path, object] = {}
+        self._meta_to_hf: dict[str, str] = {}
+        self.unexpected: list[tuple[str, Path]] = []  # names that are not Llama parameters
+        for hf_name, file in self._file_of.items():
+            if hf_name.endswith(IGNORED_SUFFIXES):
+                continue
+            try:
+                self._meta_to_hf[hf_to_meta(hf_name)] = hf_name
+            except KeyError:
+                self.unexpected.append((hf_name, file))
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self._file_of.values()))
+
+    def keys(self) -> list[str]:
+        """The parameter names in the folder, as Meta names."""
+        return list(self._meta_to_hf)
+
+    def file_of(self, name: str) -> Path:
+        return self._file_of[self._meta_to_hf[name]]
+
+    def source_name(self, name: str) -> str:
+        return self._meta_to_hf[name]
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The full tensor of Meta parameter `name`, in Meta's layout (wq/wk rows un-permuted)."""
+        tensor = self._handle(self.file_of(name)).get_tensor(self._meta_to_hf[name])
+        n = permuted_heads(name, self.args.n_heads, self.args.n_kv_heads)
+        return hf_rows_to_meta(tensor, n) if n else tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.file_of(name)).get_slice(self._meta_to_hf[name]).get_shape())
+
+
+def save_hf(path, args: ModelArgs, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+            max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
+    """Write an HF folder that transformers' LlamaForCausalLM loads. state_dict: Meta names and layout.
+
+    Tied embeddings write no lm_head (as HF does). Files over max_shard_bytes are split with an index.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if args.tie_word_embeddings and name.startswith("output."):
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        n = permuted_heads(name, args.n_heads, args.n_kv_heads)
+        tensor = meta_rows_to_hf(tensor, n) if n else tensor
+        tensors[meta_to_hf(name)] = tensor.contiguous()
+
+    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    dtype_name = str(dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)).split(".")[-1]
+    config = args.to_hf_config(dtype_name)
+    config.update(extra_config or {})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_FILE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / file, metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2) + "\n")

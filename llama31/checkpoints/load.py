@@ -1,0 +1,120 @@
+"""Loading a checkpoint folder into a Transformer, strictly.
+
+Every parameter the model expects must be in the checkpoint with exactly the expected shape, and every
+tensor in the checkpoint must be used: a missing key, an unexpected key or a wrong shape is an error that
+names the file, the key and the shapes. Nothing is guessed or silently dropped.
+
+The model is first built on the "meta" device (no memory), then each tensor is read, cast and moved on its
+own, so loading an 8B model in bf16 needs its 16 GB once, not twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llama31.checkpoints.hf import HFCheckpoint, is_hf_folder
+from llama31.checkpoints.meta import MetaCheckpoint, is_meta_folder
+
+log = logging.getLogger("llama31")
+
+
+def open_checkpoint(path) -> HFCheckpoint | MetaCheckpoint:
+    """Open a Meta folder (params.json + consolidated.NN.pth) or an HF folder (config.json + safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist (or is not a folder)")
+    if is_meta_folder(path):
+        return MetaCheckpoint(path)
+    if is_hf_folder(path):
+        return HFCheckpoint(path)
+    found = sorted(p.name for p in path.iterdir())[:20]
+    raise FileNotFoundError(
+        f"{path} is neither a Meta checkpoint (params.json + consolidated.00.pth ...) nor a Hugging Face one "
+        f"(config.json + model.safetensors or model.safetensors.index.json). It holds: {found}")
+
+
+def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, model_class=None, layers=None,
+                    max_seq_len: int | None = None,
+                    progress: Callable[[int, int], None] | None = None):
+    """Build a Transformer from a checkpoint folder and load its weights.
+
+    dtype: of the weights (None: float32). device: where they go (None: CPU).
+    max_seq_len: shorten the model's context (it sizes the RoPE tables; the default is the checkpoint's).
+    progress: called as progress(bytes_loaded, bytes_total) after each tensor.
+    The returned model has .checkpoint_info = {"format": "hf" | "meta", "path", "files"}.
+    """
+    from llama31.model.transformer import Transformer
+
+    model_class = model_class or Transformer
+    ckpt = open_checkpoint(path)
+    if ckpt.quantization and layers is None:
+        from llama31.quant.checkpoint import layers_for_checkpoint  # only INT4 checkpoints need it
+        layers = layers_for_checkpoint(ckpt)
+    args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
+    dtype = dtype or torch.float32
+    model = model_class(args, dtype=dtype, device="meta", layers=layers)
+    load_weights(model, ckpt, dtype=dtype, device=device or "cpu", progress=progress)
+    model.checkpoint_info = {"format": ckpt.format, "path": str(ckpt.path), "files": [str(f) for f in ckpt.files]}
+    log.info("loaded %s checkpoint from %s (%d file(s))", ckpt.format.upper(), ckpt.path, len(ckpt.files))
+    return model
+
+
+def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None) -> None:
+    """Read every parameter of `model` from `ckpt`, check names and shapes, and assign them."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = model.args.tie_word_embeddings
+    available = set(ckpt.keys())
+    if tied:
+        expected.pop("output.weight", None)  # the embedding serves as the output layer
+
+    missing = sorted(set(expected) - available)
+    if missing:
+        raise KeyError(f"{ckpt.path}: the checkpoint lacks {len(missing)} parameter(s) the model needs, e.g. "
+                       f"{missing[:5]} (expected shape {expected[missing[0]]}). Is the folder complete, and does "
+                       "its config describe these weights?")
+    unexpected = sorted(available - set(expected))
+    if tied and "output.weight" in unexpected:
+        unexpected.remove("output.weight")  # checked against the embedding below
+    extra = [(ckpt.source_name(n), ckpt.file_of(n)) for n in unexpected] + ckpt.unexpected
+    if extra:
+        name, file = extra[0]
+        raise KeyError(f"{file}: unexpected tensor {name!r} ({len(extra)} in all, e.g. {[n for n, _ in extra[:5]]}); "
+                       "the model has no such parameter. Does the config (layers, tied embeddings) match the "
+                       "weights?")
+
+    total = sum(_nbytes(shape, dtype) for shape in expected.values())
+    done = 0
+    state = {}
+    for name, shape in expected.items():
+        tensor = ckpt.read(name)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{ckpt.file_of(name)}: {ckpt.source_name(name)!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {shape}. Check that the config matches the weights.")
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+        done += _nbytes(shape, dtype)
+        if progress:
+            progress(done, total)
+    if tied and "output.weight" in available:
+        output = ckpt.read("output.weight").to(dtype)
+        if output.shape != state["tok_embeddings.weight"].shape or not torch.equal(
+                output.to(state["tok_embeddings.weight"].device), state["tok_embeddings.weight"]):
+            raise ValueError(f"{ckpt.file_of('output.weight')}: the config ties the output layer to the embedding, "
+                             "but the checkpoint's output weight differs from it; set tie_word_embeddings to false")
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:  # assign=True gave the two names separate Parameters; share one again
+        model.output.weight = model.tok_embeddings.weight
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()

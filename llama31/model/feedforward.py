@@ -1,0 +1,24 @@
+"""SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
+
+w1 is the "gate", w3 the "up" projection (HF: gate_proj, up_proj), w2 the "down" projection (HF: down_proj).
+dim -> hidden_dim -> dim, with hidden_dim = 14336 for 8B (ModelArgs derives it).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama31.config import ModelArgs
+from llama31.model.layers import Layers
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, layers: Layers, *, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.w1 = layers.column(args.dim, args.hidden_dim, dtype=dtype, device=device)
+        self.w3 = layers.column(args.dim, args.hidden_dim, dtype=dtype, device=device)
+        self.w2 = layers.row(args.hidden_dim, args.dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (bs, seqlen, dim) -> (bs, seqlen, dim)."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

