@@ -1,0 +1,173 @@
+"""INT4 checkpoint folders as a whole: what to build for one, and writing one from a float checkpoint.
+
+    layers_for_checkpoint(ckpt)      the Int4Layers that match an opened INT4 folder's quantization_config
+                                     (called by llama31.checkpoints.load_pretrained)
+    hf_int4_layer(tensors, settings, heads)
+                                     one HF module's raw INT4 tensors (GPTQ or compressed-tensors, HF row
+                                     order) -> the Int4Linear tensors of the Meta-named module
+    quantize_checkpoint(src, dst)    a float Meta or HF folder -> an HF folder in compressed-tensors
+                                     pack-quantized format (the format of the published w4a16 checkpoints),
+                                     one tensor at a time, so a model never sits in memory twice
+
+The written folder: the seven linear layers of every block as ``<hf module>.weight_packed / .weight_scale /
+.weight_shape`` (formats.to_compressed_tensors), everything else (embeddings, norms, lm_head) in ``dtype``,
+and config.json with the ``quantization_config`` of formats.compressed_tensors_config. Rows of q_proj /
+k_proj are put in HF's order BEFORE quantizing: quantization works row by row, so this commutes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llama31.checkpoints import open_checkpoint
+from llama31.checkpoints.names import hf_rows_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
+from llama31.quant.formats import (Int4Settings, compressed_tensors_config, convert_layer, parse_quantization_config,
+                                   permute_output_rows, to_compressed_tensors)
+from llama31.quant.model import Int4Layers
+from llama31.quant.rtn import quantize_weight
+
+BLOCK_LINEAR = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
+PARTS = {  # report rows: the part of the model each Meta name belongs to
+    "tok_embeddings": "embedding (tok_embeddings)",
+    "attention": "attention (wq wk wv wo)",
+    "feed_forward": "feed-forward (w1 w2 w3)",
+    "norm": "norms",
+    "output": "output layer",
+}
+
+
+def layers_for_checkpoint(ckpt) -> Int4Layers:
+    """The Int4Layers for an opened checkpoint whose config carries a quantization_config."""
+    if ckpt.format != "hf":
+        raise ValueError(f"{ckpt.path}/params.json: quantization_args {ckpt.quantization!r} (Meta's own quantized "
+                         "formats) are not supported; load the float weights, or an HF w4a16 folder "
+                         "(GPTQ or compressed-tensors)")
+    settings = parse_quantization_config(ckpt.quantization, source=str(Path(ckpt.path) / "config.json"))
+    # The output layer is quantized only in files that say so by carrying packed lm_head tensors.
+    quantize_output = any(name.startswith("output.") and not name.endswith(".weight") for name in ckpt.keys())
+    return Int4Layers(settings.group_size, zero_point=not settings.symmetric, act_order=settings.act_order,
+                      quantize_output=quantize_output)
+
+
+def hf_int4_layer(tensors, settings: Int4Settings, *, heads: int | None = None, name: str = "") -> dict:
+    """One module's INT4 tensors as stored in an HF folder -> the Int4Linear state-dict tensors, Meta layout.
+
+    tensors: the raw tensors of one module by their last name part (GPTQ: qweight, qzeros, scales, g_idx;
+    compressed-tensors: weight_packed, weight_scale, weight_shape, ...), read WITHOUT any row reordering.
+    heads: n_heads for wq (q_proj), n_kv_heads for wk (k_proj), None otherwise: their output rows are
+    moved from HF's order back to Meta's (names.permuted_heads gives the number).
+    """
+    out = convert_layer(tensors, settings, name)
+    if heads:
+        index = hf_rows_to_meta(torch.arange(out["weight_packed"].shape[0]), heads)  # Meta row i = HF row index[i]
+        out = permute_output_rows(out, index)
+    return out
+
+
+@dataclass
+class PartSize:
+    """Bytes of one part of the model: unquantized at the output dtype, and as written."""
+
+    part: str
+    before: int = 0
+    after: int = 0
+
+
+def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = True,
+                        dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> list[PartSize]:
+    """Write the float checkpoint folder ``src`` as an INT4 compressed-tensors HF folder ``dst``.
+
+    Returns the size of every part before (all weights in ``dtype``) and after (as written).
+    """
+    ckpt = open_checkpoint(src)
+    if ckpt.quantization:
+        raise ValueError(f"{src}: is already quantized ({ckpt.quantization.get('quant_method', ckpt.quantization)}); "
+                         "quantize the float weights")
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    args = ckpt.args
+    sizes = {part: PartSize(part) for part in PARTS.values()}
+    writer = _ShardWriter(dst, max_shard_bytes)
+
+    for name in ckpt.keys():
+        if args.tie_word_embeddings and name.startswith("output."):
+            continue  # tied: HF writes no lm_head, the embedding serves
+        tensor = ckpt.read(name)  # Meta layout
+        heads = permuted_heads(name, args.n_heads, args.n_kv_heads)
+        if heads:
+            tensor = meta_rows_to_hf(tensor, heads)
+        hf_name = meta_to_hf(name)
+        size = sizes[PARTS[_part_of(name)]]
+        size.before += tensor.numel() * dtype.itemsize
+        if BLOCK_LINEAR.match(name):
+            quantized = quantize_weight(tensor, group_size, symmetric=symmetric, scale_dtype=dtype)
+            hf_module = hf_name[: -len(".weight")]
+            for key, value in to_compressed_tensors(quantized, name=hf_module).items():
+                size.after += writer.add(f"{hf_module}.{key}", value)
+        else:
+            size.after += writer.add(hf_name, tensor.to(dtype))
+    writer.close()
+
+    config = args.to_hf_config(str(dtype).split(".")[-1])
+    config["quantization_config"] = compressed_tensors_config(group_size, symmetric=symmetric)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer = Path(src) / "tokenizer.model"
+    if tokenizer.is_file():
+        shutil.copy(tokenizer, dst / "tokenizer.model")
+    return [s for s in sizes.values() if s.before]
+
+
+def _part_of(meta_name: str) -> str:
+    parts = meta_name.split(".")
+    if parts[0] == "layers":
+        return "norm" if parts[2].endswith("norm") else parts[2]
+    return parts[0]
+
+
+class _ShardWriter:
+    """Collects tensors into safetensors files of at most max_bytes, named as HF names them."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[tuple[Path, list[str], int]] = []  # (temporary file, names in it, tensor bytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor.contiguous()
+        self.current_bytes += nbytes
+        return nbytes
+
+    def _flush(self) -> None:
+        file = self.folder / f"shard-{len(self.files) + 1}.tmp"
+        save_file(self.current, file, metadata={"format": "pt"})
+        self.files.append((file, list(self.current), self.current_bytes))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            os.replace(self.files[0][0], self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (file, names, _) in enumerate(self.files, start=1):
+            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            os.replace(file, self.folder / final)
+            weight_map.update({name: final for name in names})
+        total = sum(nbytes for _, _, nbytes in self.files)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
