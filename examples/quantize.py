@@ -1,0 +1,68 @@
+"""Quantize a float Llama checkpoint to INT4 (W4A16, round to nearest) as an HF folder in compressed-tensors
+"pack-quantized" format, the format of the published Llama 3.1 w4a16 checkpoints:
+
+    python examples/quantize.py --ckpt-dir Meta-Llama-3.1-8B-Instruct/ --out llama-3.1-8b-int4/
+    python examples/quantize.py --ckpt-dir SRC --out DST --group-size 64 --asymmetric
+
+The seven linear layers of every block are quantized (group-wise along the input dimension, scale =
+absmax / 7.5); embeddings, norms and the output layer stay 16-bit. Tensors are read and written one at a
+time, so the source model is never in memory whole. Prints the size of every part before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from llama31.quant.checkpoint import quantize_checkpoint
+from llama31.quant.rtn import GROUP_SIZES
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def size_table(sizes, dtype_name: str) -> str:
+    rows = [f"{'part':<28} {'before (' + dtype_name + ')':>18} {'after':>12} {'ratio':>7}"]
+    for s in sizes:
+        rows.append(f"{s.part:<28} {format_bytes(s.before):>18} {format_bytes(s.after):>12} {s.after / s.before:>7.3f}")
+    before, after = sum(s.before for s in sizes), sum(s.after for s in sizes)
+    rows.append(f"{'total':<28} {format_bytes(before):>18} {format_bytes(after):>12} {after / before:>7.3f}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt-dir", required=True, help="a float Meta or HF checkpoint folder")
+    parser.add_argument("--out", required=True, help="the HF folder to write (must not exist or be empty)")
+    parser.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
+                        help="inputs sharing one scale (default 128)")
+    parser.add_argument("--asymmetric", action="store_true", help="add an integer zero point per group")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="dtype of the scales and of the unquantized tensors (default bfloat16)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    try:
+        sizes = quantize_checkpoint(args.ckpt_dir, args.out, args.group_size, symmetric=not args.asymmetric,
+                                    dtype=DTYPES[args.dtype])
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(size_table(sizes, args.dtype))
+    print(f"wrote {args.out} (compressed-tensors pack-quantized, group size {args.group_size}, "
+          f"{'asymmetric' if args.asymmetric else 'symmetric'}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
