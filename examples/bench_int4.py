@@ -1,0 +1,176 @@
+"""CPU benchmark of INT4 (W4A16) against float weights: single layers at decode shapes, then a whole model.
+
+    python examples/bench_int4.py              decode shapes of the 8B model + a ~1.2B-parameter model decoding
+    python examples/bench_int4.py --quick      a few seconds: tiny shapes and a tiny model (used by the tests)
+    python examples/bench_int4.py --json out.json
+
+1. Layers, batch 1 (one token, as in decoding): y = x @ W.T for W [N, K] in fp32 and bf16 (F.linear), and
+   Int4Linear's reference path (unpack + dequantize + matmul: slow by design) and its fused CPU path
+   (torch's int4 op, bf16 activations). Decoding reads every weight once per token, so time ~ bytes.
+2. Model: a random model of the Llama 3.2 1B shape (1.24 B parameters, the smallest Llama 3.x) decoding
+   greedily at batch 1 with a KV cache, in fp32, bf16 and INT4 (g128, bf16 activations): tokens/s, the
+   ratio to fp32, and the bytes of the quantized linear weights against the same weights in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llama31 import ModelArgs, Transformer
+from llama31.quant import Int4Linear, quantize_model
+
+DECODE_SHAPES = [  # (name, N, K) of the 8B model
+    ("wq / wo 4096x4096", 4096, 4096),
+    ("wk / wv 1024x4096", 1024, 4096),
+    ("w1 / w3 14336x4096", 14336, 4096),
+    ("w2 4096x14336", 4096, 14336),
+]
+QUICK_SHAPES = [("256x512", 256, 512), ("512x256", 512, 256)]
+
+
+def best_time(fn, iters: int, warmup: int = 1) -> float:
+    """The fastest of `iters` calls, in seconds: the least disturbed by other work on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_layers(shapes, iters: int, group_size: int) -> list[dict]:
+    rows = []
+    for name, n, k in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(n, k) * 0.02
+        x = torch.randn(1, k)
+        w_bf16, x_bf16 = w.bfloat16(), x.bfloat16()
+        layer = Int4Linear.from_float(w_bf16, group_size, dtype=torch.bfloat16)
+        int4_bytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        times = {
+            "fp32 F.linear": (best_time(lambda: F.linear(x, w), iters), w.numel() * 4),
+            "bf16 F.linear": (best_time(lambda: F.linear(x_bf16, w_bf16), iters), w.numel() * 2),
+        }
+        layer.backend = "reference"
+        times["int4 reference"] = (best_time(lambda: layer(x_bf16), max(1, iters // 10)), int4_bytes)
+        layer.backend = "cpu_fused"
+        layer(x_bf16)  # the one-time repack happens here, outside the timing
+        times["int4 cpu_fused"] = (best_time(lambda: layer(x_bf16), iters), int4_bytes)
+        fp32 = times["fp32 F.linear"][0]
+        for path, (seconds, nbytes) in times.items():
+            rows.append({"shape": name, "path": path, "ms": seconds * 1e3, "GB/s": nbytes / seconds / 1e9,
+                         "speedup_vs_fp32": fp32 / seconds})
+        del w, w_bf16, layer
+        gc.collect()
+    return rows
+
+
+def decode_tokens_per_s(model, prompt_len: int, new_tokens: int) -> float:
+    """Greedy decoding at batch 1 with a KV cache; times the decode steps only (not the prefill)."""
+    model.setup_cache(1, prompt_len + new_tokens)
+    tokens = torch.randint(0, model.args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens, 0, last_only=True)
+        next_token = logits[:, -1].argmax(-1, keepdim=True)
+        model(next_token, prompt_len)  # warm-up step (first-call allocations, the INT4 repack)
+        start = time.perf_counter()
+        for step in range(new_tokens - 1):
+            logits = model(next_token, prompt_len + 1 + step)
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+        elapsed = time.perf_counter() - start
+    model.clear_cache()
+    return (new_tokens - 1) / elapsed
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(bytes of the block linears as stored, bytes of the same weights in bf16)."""
+    stored = bf16 = 0
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            stored += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+            bf16 += module.in_features * module.out_features * 2
+    return stored, bf16
+
+
+def bench_model(args: ModelArgs, group_size: int, prompt_len: int, new_tokens: int) -> dict:
+    results = {"model": {"dim": args.dim, "n_layers": args.n_layers, "vocab_size": args.vocab_size,
+                         "hidden_dim": args.hidden_dim}}
+    torch.manual_seed(0)
+    model = Transformer(args, dtype=torch.float32)
+    results["params"] = sum(p.numel() for p in model.parameters())
+    results["fp32 tok/s"] = decode_tokens_per_s(model, prompt_len, new_tokens)
+    model = model.to(torch.bfloat16)
+    gc.collect()
+    results["bf16 tok/s"] = decode_tokens_per_s(model, prompt_len, new_tokens)
+    quantized = quantize_model(model, group_size)  # a bf16 model: bf16 scales, norms and embeddings
+    del model
+    gc.collect()
+    results["int4 tok/s"] = decode_tokens_per_s(quantized, prompt_len, new_tokens)
+    results["int4 linear bytes"], results["bf16 linear bytes"] = linear_bytes(quantized)
+    return results
+
+
+def print_layer_table(rows) -> None:
+    print(f"{'shape':<22} {'path':<16} {'ms':>9} {'GB/s':>7} {'x fp32':>7}")
+    for r in rows:
+        print(f"{r['shape']:<22} {r['path']:<16} {r['ms']:>9.3f} {r['GB/s']:>7.1f} {r['speedup_vs_fp32']:>7.2f}")
+
+
+def print_model_table(r) -> None:
+    m = r["model"]
+    print(f"\nmodel: dim {m['dim']}, {m['n_layers']} layers, FFN {m['hidden_dim']}, vocab {m['vocab_size']} "
+          f"({r['params'] / 1e9:.2f} B parameters), batch 1 greedy decoding")
+    for name in ("fp32", "bf16", "int4"):
+        tps = r[f"{name} tok/s"]
+        print(f"  {name:<5} {tps:8.2f} tok/s   x{tps / r['fp32 tok/s']:.2f} vs fp32")
+    print(f"  block linear weights: int4 {r['int4 linear bytes'] / 2**20:.1f} MiB vs bf16 "
+          f"{r['bf16 linear bytes'] / 2**20:.1f} MiB (ratio {r['int4 linear bytes'] / r['bf16 linear bytes']:.3f})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and model: a smoke run of a few seconds")
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model decoding part")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--iters", type=int, help="timed calls per layer measurement (default 20, quick 3)")
+    parser.add_argument("--new-tokens", type=int, help="decoded tokens per model (default 32, quick 4)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    iters = args.iters or (3 if args.quick else 20)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+
+    shapes = QUICK_SHAPES if args.quick else DECODE_SHAPES
+    group_size = 32 if args.quick else args.group_size
+    layer_rows = bench_layers(shapes, iters, group_size)
+    print_layer_table(layer_rows)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "layers": layer_rows}
+
+    if not args.no_model:
+        if args.quick:
+            model_args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=384,
+                                   max_seq_len=64)
+        else:
+            model_args = ModelArgs.preset("llama3.2-1b").replace(max_seq_len=256)
+        results["model"] = bench_model(model_args, group_size, prompt_len=8 if args.quick else 16,
+                                       new_tokens=args.new_tokens or (4 if args.quick else 32))
+        print_model_table(results["model"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
