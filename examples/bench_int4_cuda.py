@@ -183,6 +183,17 @@ def run_timing(shapes, rows, log) -> list[dict]:
         int4_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         tiny = torch_int4_pack(tensors, group_size)
         x_all = torch.randn(max(rows), k, device="cuda", generator=gen).to(dtype)
+        if tiny is not None:  # time torch's kernel only if it computes the same product (layout check)
+            try:
+                ours = cuda.int4_linear(x_all[:1], tensors["weight_packed"], tensors["weight_scale"], None,
+                                        group_size).float()
+                theirs = torch.ops.aten._weight_int4pack_mm(x_all[:1], tiny[0], group_size, tiny[1]).float()
+                if float((ours - theirs).abs().mean() / ours.abs().mean()) > 2e-2:
+                    log(f"torch int4 kernel disagrees at {n}x{k} (packing assumption wrong?): not timed")
+                    tiny = None
+            except Exception as e:
+                log(f"torch int4 kernel unavailable at {n}x{k}: {type(e).__name__}: {str(e)[:80]}")
+                tiny = None
         for m in rows:
             x = x_all[:m].contiguous()
             out = torch.empty(m, n, dtype=dtype, device="cuda")

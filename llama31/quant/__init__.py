@@ -7,6 +7,8 @@
     cuda.py       the fused CUDA extension (csrc/), built on first use
     formats.py    GPTQ and compressed-tensors checkpoints <-> Int4Linear tensors, quantization_config
     model.py      Int4Layers (the model factory) and quantize_model
+    checkpoint.py INT4 folders: layers_for_checkpoint, hf_int4_layer (per module), quantize_checkpoint
+                  (imported on its own: it needs llama31.checkpoints)
 """
 
 from llama31.quant.formats import (

@@ -11,7 +11,7 @@ For each output row n and group of g consecutive inputs (the group holds W[n, j*
       zp    = clamp(round(-8 - lo / scale), -8, 7)
       q     = clamp(round(W / scale) + zp, -8, 7)
 
-Everything is computed in fp32; round() is half-to-even (torch.round). The scale is first rounded to the
+Everything is computed in fp32 (the scale as the correctly rounded fp32 quotient); round() is half-to-even (torch.round). The scale is first rounded to the
 dtype it is stored in (bf16 for a bf16 model) and q is computed with that stored scale, so dequantizing
 (q - zp) * scale reproduces exactly what the integers were chosen for. A group of zeros gets the smallest
 positive fp32 scale (eps) instead of 0, which would divide by zero.
@@ -54,19 +54,26 @@ def rtn_quantize(weight: torch.Tensor, group_size: int = 128, *, symmetric: bool
 
     if symmetric:
         absmax = w.abs().amax(dim=-1)  # (N, K/g)
-        scale = (absmax / 7.5).clamp(min=eps).to(scale_dtype)
+        scale = _fp32_quotient(absmax, 7.5).clamp(min=eps).to(scale_dtype)
         s = scale.float().unsqueeze(-1)
         q = torch.clamp(torch.round(w / s), -8, 7)
         zero_point = None
     else:
         lo = w.amin(dim=-1).clamp(max=0.0)
         hi = w.amax(dim=-1).clamp(min=0.0)
-        scale = ((hi - lo) / 15.0).clamp(min=eps).to(scale_dtype)
+        scale = _fp32_quotient(hi.double() - lo.double(), 15.0).clamp(min=eps).to(scale_dtype)
         s = scale.float()
         zp = torch.clamp(torch.round(-8.0 - lo / s), -8, 7)  # (N, K/g)
         q = torch.clamp(torch.round(w / s.unsqueeze(-1)) + zp.unsqueeze(-1), -8, 7)
         zero_point = zp.to(torch.int8)
     return q.flatten(1).to(torch.int8), scale, zero_point
+
+
+def _fp32_quotient(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    # The correctly rounded fp32 value of numerator / denominator. torch divides a tensor by a Python
+    # number by multiplying with its reciprocal, which is 1 ulp off for 1/7.5; the small [N, K/g]
+    # statistics are divided in float64 instead (exact enough that one rounding to fp32 is the only one).
+    return (numerator.double() / denominator).float()
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = 128, *, symmetric: bool = True,
