@@ -3,6 +3,8 @@
     python examples/bench_int4.py              decode shapes of the 8B model + a ~1.2B-parameter model decoding
     python examples/bench_int4.py --quick      a few seconds: tiny shapes and a tiny model (used by the tests)
     python examples/bench_int4.py --json out.json
+    python examples/bench_int4.py --threads 1  the steadiest numbers on a machine shared with other work (a
+                                               2-thread op stalls whenever either thread is descheduled)
 
 1. Layers, batch 1 (one token, as in decoding): y = x @ W.T for W [N, K] in fp32 and bf16 (F.linear), and
    Int4Linear's reference path (unpack + dequantize + matmul: slow by design) and its fused CPU path
