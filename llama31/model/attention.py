@@ -26,16 +26,20 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layers: Layers, *, dtype: torch.dtype, device=None):
         super().__init__()
         mp = layers.model_parallel_size
-        if args.n_heads % mp or args.n_kv_heads % mp:
-            raise ValueError(f"n_heads {args.n_heads} and n_kv_heads {args.n_kv_heads} must be divisible by the "
-                             f"model-parallel size {mp}")
+        # With the model split over mp ranks, each holds n_heads / mp query heads and the kv heads they use. With
+        # more ranks than kv heads (70B on 16 ranks), each kv head is repeated on mp / n_kv_heads ranks: wk and
+        # wv are built as if the model had mp kv heads, one per rank (each rank loads the kv head it uses).
+        n_kv_heads = max(args.n_kv_heads, mp)
+        if args.n_heads % mp or n_kv_heads % min(args.n_kv_heads, mp):
+            raise ValueError(f"the model-parallel size {mp} must divide n_heads {args.n_heads} and divide or be a "
+                             f"multiple of n_kv_heads {args.n_kv_heads}")
         self.n_heads = args.n_heads // mp  # query heads held by this rank
-        self.n_kv_heads = args.n_kv_heads // mp
+        self.n_kv_heads = n_kv_heads // mp
         self.n_rep = self.n_heads // self.n_kv_heads
         self.head_dim = args.head_dim
         self.wq = layers.column(args.dim, args.n_heads * args.head_dim, dtype=dtype, device=device)
-        self.wk = layers.column(args.dim, args.n_kv_heads * args.head_dim, dtype=dtype, device=device)
-        self.wv = layers.column(args.dim, args.n_kv_heads * args.head_dim, dtype=dtype, device=device)
+        self.wk = layers.column(args.dim, n_kv_heads * args.head_dim, dtype=dtype, device=device)
+        self.wv = layers.column(args.dim, n_kv_heads * args.head_dim, dtype=dtype, device=device)
         self.wo = layers.row(args.n_heads * args.head_dim, args.dim, dtype=dtype, device=device)
         self.cache: KVCache | None = None  # set by Transformer.setup_cache
 
