@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import torch
 from llama31.checkpoints import save_hf
 from llama31.config import ModelArgs, RopeScaling
 from llama31.model import Transformer
+from reference.fileformat import dumps
 from reference.prompts import (LLAMA31_SPECIAL_IDS, VOCAB_MAP_FILE, default_long_tokens, encode_prompts,
                                load_prompt_specs, VocabMap)
 
@@ -167,7 +167,7 @@ def write_tiny_checkpoint(recipe: TinyRecipe, folder, prompts_file=None) -> Path
 
 
 def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    path.write_text(dumps(data) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:

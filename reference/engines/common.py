@@ -104,7 +104,18 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the candidate JSON file to write (arrays go to .safetensors beside it)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="the engine's compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice; 1 is fastest for the tiny "
+                                               "checkpoints, and gives the goldens' exact numbers)")
     return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def read_golden(path) -> dict:

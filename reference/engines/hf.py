@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reference.engines.common import EngineOutputs, PromptOutputs, batches, parser, read_golden, write_candidate
+from reference.engines.common import (EngineOutputs, PromptOutputs, batches, parse_args, parser, read_golden,
+                                      write_candidate)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,7 +143,7 @@ def producer(dtype: str, device: str, attn: str) -> dict:
 def main(argv=None) -> int:
     p = parser("python -m reference.engines.hf", __doc__)
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention implementation")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     golden = read_golden(args.golden)
     model = load(args.ckpt_dir, DTYPES[args.dtype], args.device, args.attn)
     write_candidate(args.out, golden, run(model, golden), producer(args.dtype, args.device, args.attn))

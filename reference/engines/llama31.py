@@ -16,7 +16,8 @@ import torch
 
 from llama31 import Llama, Transformer, __version__
 from llama31.text import Tokenizer
-from reference.engines.common import EngineOutputs, PromptOutputs, batches, parser, read_golden, write_candidate
+from reference.engines.common import (EngineOutputs, PromptOutputs, batches, parse_args, parser, read_golden,
+                                      write_candidate)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,7 +116,7 @@ def producer(dtype: str, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parser("python -m reference.engines.llama31", __doc__).parse_args(argv)
+    args = parse_args(parser("python -m reference.engines.llama31", __doc__), argv)
     golden = read_golden(args.golden)
     model = Transformer.from_pretrained(args.ckpt_dir, dtype=DTYPES[args.dtype], device=args.device)
     outputs = run(model, golden)
