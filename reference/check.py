@@ -153,11 +153,14 @@ def _is_tie(golden: Doc, cand: Doc, r: PromptReport, tol: float) -> bool:
 
 
 def _top5_diff(golden: Doc, cand: Doc) -> float:
+    """Largest |d logprob| over the golden's top-5 tokens at every prompt position (for a token the candidate
+    does not list: the lower bound of compare.py)."""
     worst = 0.0
     for p in golden.prompts:
         g, c = golden.results[p["name"]], cand.results[p["name"]]
         r = compare_topk(g.topk_ids[:, :5], g.topk_logprobs[:, :5], c.topk_ids, c.topk_logprobs)
-        worst = max(worst, float(np.max(np.where(np.isfinite(r.max_abs), r.max_abs, np.inf))))
+        shared = np.where(np.isposinf(r.max_abs) & np.isfinite(r.unlisted_golden), -np.inf, r.max_abs)
+        worst = max(worst, float(np.max(np.maximum(shared, r.unlisted_golden))))
     return worst
 
 
@@ -314,7 +317,7 @@ class _Writer:
             return None
         i = int(bad[0])
         pos = int(np.argmax(err[i] > tier.hidden_tol))
-        before = f"; {names[i - 1]} agrees ({per_layer[i - 1]:.1e})" if i else ""
+        before = f"; the layer before, {names[i - 1]}, agrees ({per_layer[i - 1]:.1e})" if i else ""
         self.line(f"  hidden states of {gs['prompt']!r}: first differ at {names[i]} (relative error "
                   f"{per_layer[i]:.1e} > {tier.hidden_tol:.0e}, first at position {pos}){before}")
         self.line(f"    per layer: {detail}")
@@ -335,10 +338,16 @@ class _Writer:
             self.line(f"  RoPE inverse frequencies agree (max relative error {rel.max():.1e})")
             return
         i = int(np.argmax(rel > 1e-6))
-        ratio = g[i] / c[i]
         self.line(f"  RoPE inverse frequencies differ from index {i} of {len(g)}: golden {g[i]:.6e}, candidate "
-                  f"{c[i]:.6e} (golden / candidate = {ratio:.4g}); compare the llama3 scaling: factor, "
-                  "low/high_freq_factor, original_max_position_embeddings")
+                  f"{c[i]:.6e} (golden / candidate = {g[i] / c[i]:.4g})")
+        args = golden.model.get("args") or {}
+        if args.get("rope_theta") and args.get("head_dim"):
+            d = args["head_dim"]
+            plain = args["rope_theta"] ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # w_i = theta^(-2i/d)
+            if plain.shape == c.shape and np.max(np.abs(c / plain - 1)) <= 1e-6:
+                self.line("    the candidate's are the unscaled theta^(-2i/d): the llama3 scaling is not applied")
+                return
+        self.line("    compare the llama3 scaling: factor, low/high_freq_factor, original_max_position_embeddings")
 
     def verdict(self, tier: Tier, passed: bool, failures: list[str]) -> None:
         self.line()

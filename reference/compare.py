@@ -42,6 +42,7 @@ class RowComparison:
     golden_at: np.ndarray     # (r,) golden logprob of worst_token
     candidate_at: np.ndarray  # (r,) candidate logprob of worst_token
     unlisted: np.ndarray      # (r,) largest lower bound from a token only one side lists (-inf if none)
+    unlisted_golden: np.ndarray  # (r,) the same, over the golden's tokens only
     top1_same: np.ndarray     # (r,) bool
     kl: np.ndarray            # (r,) estimated KL(golden || candidate)
 
@@ -82,6 +83,7 @@ def compare_topk(g_ids: np.ndarray, g_lp: np.ndarray, c_ids: np.ndarray, c_lp: n
 
     return RowComparison(max_abs=max_abs, worst_token=g_ids[rows, worst], golden_at=g_lp[rows, worst],
                          candidate_at=c_at_g[rows, worst], unlisted=unlisted,
+                         unlisted_golden=np.where(np.isnan(from_golden), np.inf, from_golden),
                          top1_same=g_ids[:, 0] == c_ids[:, 0], kl=kl)
 
 

@@ -101,7 +101,8 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", required=True, help="the checkpoint folder the golden was made from")
     p.add_argument("--golden", required=True, help="the golden JSON file whose prompts to run")
-    p.add_argument("--out", required=True, help="the candidate JSON file to write (arrays go to .safetensors beside it)")
+    p.add_argument("--out", required=True,
+                   help="the candidate JSON file to write (arrays go to .safetensors beside it)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="the engine's compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice; 1 is fastest for the tiny "
