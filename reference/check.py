@@ -121,6 +121,10 @@ def check(golden: Doc, cand: Doc, tier: str | Tier = "fp32") -> Report:
         failures.append(f"logprobs of the golden's top-5 tokens differ by up to {top5:.3f} > {tier.max_top5_diff}")
     if tier.vllm_rule:
         failures += _vllm_rule(golden, cand, reports)
+    kls = [exact_kl(golden.results[n].last_logits, cand.results[n].last_logits) for n in golden.results
+           if golden.results[n].last_logits is not None and cand.results[n].last_logits is not None]
+    if kls:
+        figures["exact KL at the last positions (mean)"] = float(np.mean(kls))
 
     out.criteria(tier, figures)
     first_layer = out.layers(golden, cand, tier)
@@ -294,6 +298,9 @@ class _Writer:
         for key in ("log-sum-exp", "last-position logprobs (all tokens)"):
             if key in f:
                 self.line(f"  {key}: max difference {f[key]:.2e}")
+        key = "exact KL at the last positions (mean)"
+        if key in f:
+            self.line(f"  {key}: {f[key]:.2e}")
 
     def layers(self, golden: Doc, cand: Doc, tier: Tier) -> str | None:
         gs, cs = golden.debug.get("layer_summaries"), cand.debug.get("layer_summaries")

@@ -30,7 +30,6 @@ import llama31
 from llama31 import Transformer
 from llama31.checkpoints import open_checkpoint
 from llama31.text import Tokenizer
-from reference import engines
 from reference.check import check
 from reference.engines.common import document
 from reference.fileformat import FORMAT, FORMAT_VERSION, FormatError, from_memory, save

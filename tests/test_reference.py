@@ -92,6 +92,19 @@ def test_llama31_passes_fp32_and_every_statistical_tier(name, goldens):
     assert check(golden, cand, "fp32").figures["max_deviation"] <= FP32_TOL / 10
 
 
+def test_long_prompts_prefilled_in_chunks_pass_too(goldens, monkeypatch):
+    """The path a real checkpoint's 16K-token probe takes (chunked prefill into the KV cache, then decoding from
+    it), forced here on the 375-token probe with chunks of 100, in both adapters."""
+    golden = goldens["tiny-llama3.1"]
+    monkeypatch.setattr(llama31_engine, "CHUNK", 100)
+    monkeypatch.setattr(hf_engine, "CHUNK", 100)
+    for engine, model in ((llama31_engine, load_model("tiny-llama3.1")),
+                          (hf_engine, hf_engine.load(CHECKPOINTS / "tiny-llama3.1"))):
+        data, tensors = document(request(golden), engine.run(model, request(golden)), {"engine": "chunked"})
+        report = check(golden, from_memory(data, tensors, "chunked", golden), "fp32")
+        assert report.passed, report.text
+
+
 # ---------------------------------------------------------------------------------------------- broken engines
 def rope_scaling_ignored(model):
     model.rope = RotaryEmbedding(model.args.replace(rope_scaling=None))

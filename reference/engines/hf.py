@@ -52,8 +52,10 @@ def run(model, golden: dict, *, summaries: bool = True) -> EngineOutputs:
     out = EngineOutputs()
     for group in batches(prompts):
         rows = [list(prompts[i]["ids"]) for i in group]
-        parts = prompt_topk(model, rows, k)
-        gen = greedy(model, rows, max_new, stop_ids, k)
+        if len(rows) == 1 and len(rows[0]) > CHUNK:
+            parts, gen = long_prompt(model, rows[0], k, max_new, stop_ids)
+        else:
+            parts, gen = prompt_topk(model, rows, k), greedy(model, rows, max_new, stop_ids, k)
         for i, (ids, lp, lse, last), (gen_ids, gids, glp, glse) in zip(group, parts, gen):
             out.results[prompts[i]["name"]] = PromptOutputs(ids, lp, lse, last, gen_ids, gids, glp, glse)
     if summaries:
@@ -73,8 +75,6 @@ def _left_padded(model, rows):
 
 
 def prompt_topk(model, rows, k):
-    if len(rows) == 1 and len(rows[0]) > CHUNK:
-        return [_chunked_prefill(model, rows[0], k)]
     ids, mask, positions = _left_padded(model, rows)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # (bs, width, vocab)
     parts = []
@@ -84,18 +84,30 @@ def prompt_topk(model, rows, k):
     return parts
 
 
-def _chunked_prefill(model, ids, k):
+def long_prompt(model, ids, k, max_new, stop_ids):
+    """A prompt longer than CHUNK: chunked prefill into a DynamicCache, then greedy decoding from it."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    pieces = []
+    pieces, generated, chosen_from = [], [], []
+
+    def forward(tokens, start):
+        positions = torch.arange(start, start + len(tokens), device=model.device)[None]
+        return model(input_ids=torch.tensor([tokens], device=model.device), position_ids=positions, cache=cache,
+                     use_cache=True).logits[0]  # (len(tokens), vocab)
+
     for start in range(0, len(ids), CHUNK):
-        chunk = torch.tensor([ids[start:start + CHUNK]], device=model.device)
-        positions = torch.arange(start, start + chunk.shape[1], device=model.device)[None]
-        logits = model(input_ids=chunk, position_ids=positions, cache=cache, use_cache=True).logits[0]
+        logits = forward(ids[start:start + CHUNK], start)
         pieces.append(topk_summary(logits, k))
-    ids_, lp, lse = (np.concatenate(p) for p in zip(*pieces))
-    return ids_, lp, lse, None
+    last = logits[-1]
+    while True:
+        generated.append(int(last.argmax()))
+        chosen_from.append(last)
+        if generated[-1] in stop_ids or len(generated) == max_new:
+            break
+        last = forward(generated[-1:], len(ids) + len(generated) - 1)[-1]
+    prompt = tuple(np.concatenate(p) for p in zip(*pieces))
+    return [(*prompt, None)], [(generated, *topk_summary(torch.stack(chosen_from), k))]
 
 
 def greedy(model, rows, max_new, stop_ids, k):

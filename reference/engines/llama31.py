@@ -1,8 +1,9 @@
 """llama31 as an engine: `python -m reference.engines.llama31 --ckpt-dir DIR --golden G --out CAND [--dtype]`.
 
 Runs the golden's prompts through llama31's own paths: one forward per batch group for the prompt positions
-(right-padded; long prompts prefilled in chunks through the KV cache), and Llama.stream (greedy, KV cache,
-Meta-style right padding) for the continuation, whose per-step logits a forward hook records. reference.make
+(right-padded), and Llama.stream (greedy, KV cache, Meta-style right padding) for the continuation, whose
+per-step logits a forward hook records. A prompt longer than CHUNK is prefilled in chunks through the KV cache
+and continued from it. reference.make
 builds every golden from this function's outputs.
 """
 
@@ -33,8 +34,10 @@ def run(model: Transformer, golden: dict, *, summaries: bool = True) -> EngineOu
     out = EngineOutputs()
     for group in batches(prompts):
         rows = [list(prompts[i]["ids"]) for i in group]
-        prompt_parts = prompt_topk(model, rows, k)
-        gen = greedy(model, rows, max_new, stop_ids, k)
+        if len(rows) == 1 and len(rows[0]) > CHUNK:
+            prompt_parts, gen = long_prompt(model, rows[0], k, max_new, stop_ids)
+        else:
+            prompt_parts, gen = prompt_topk(model, rows, k), greedy(model, rows, max_new, stop_ids, k)
         for i, (ids, lp, lse, last), (gen_ids, gids, glp, glse) in zip(group, prompt_parts, gen):
             out.results[prompts[i]["name"]] = PromptOutputs(ids, lp, lse, last, gen_ids, gids, glp, glse)
     if summaries:
@@ -46,8 +49,6 @@ def run(model: Transformer, golden: dict, *, summaries: bool = True) -> EngineOu
 def prompt_topk(model: Transformer, rows: list[list[int]], k: int):
     """Per row: top-k ids and logprobs and lse at every prompt position, and the last position's full logits."""
     device = model.tok_embeddings.weight.device
-    if len(rows) == 1 and len(rows[0]) > CHUNK:
-        return [_chunked_prefill(model, rows[0], k, device)]
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # right-padded
     logits = model(tokens)  # (bs, width, vocab): causal, so a row's prompt positions never see its padding
@@ -58,18 +59,29 @@ def prompt_topk(model: Transformer, rows: list[list[int]], k: int):
     return parts
 
 
-def _chunked_prefill(model, ids, k, device):
-    model.setup_cache(1, len(ids))
-    pieces = []
+def long_prompt(model: Transformer, ids: list[int], k: int, max_new: int, stop_ids: list[int]):
+    """A prompt longer than CHUNK (a real checkpoint's 16K-token probe): prefill it in chunks through the KV
+    cache, each chunk's (chunk, vocab) logits summarised before the next, then decode greedily from that cache.
+    (One forward over 16K positions would hold a (heads, 16K, 16K) score matrix per layer.)"""
+    device = model.tok_embeddings.weight.device
+    model.setup_cache(1, len(ids) + max_new)
+    pieces, generated, chosen_from = [], [], []
     try:
         for start in range(0, len(ids), CHUNK):
-            chunk = torch.tensor([ids[start:start + CHUNK]], device=device)
-            logits = model(chunk, start)[0]  # (chunk, vocab)
+            logits = model(torch.tensor([ids[start:start + CHUNK]], device=device), start)[0]  # (chunk, vocab)
             pieces.append(topk_summary(logits, k))
+        last = logits[-1]
+        while True:
+            generated.append(int(last.argmax()))
+            chosen_from.append(last)
+            if generated[-1] in stop_ids or len(generated) == max_new:
+                break
+            position = len(ids) + len(generated) - 1
+            last = model(torch.tensor([[generated[-1]]], device=device), position)[0, -1]
     finally:
         model.clear_cache()
-    ids_, lp, lse = (np.concatenate(p) for p in zip(*pieces))
-    return ids_, lp, lse, None  # the last logits are not kept for a chunked (very long) prompt
+    prompt = tuple(np.concatenate(p) for p in zip(*pieces))
+    return [(*prompt, None)], [(generated, *topk_summary(torch.stack(chosen_from), k))]
 
 
 def greedy(model: Transformer, rows: list[list[int]], max_new: int, stop_ids: list[int], k: int):
