@@ -92,6 +92,20 @@ def test_llama31_passes_fp32_and_every_statistical_tier(name, goldens):
     assert check(golden, cand, "fp32").figures["max_deviation"] <= FP32_TOL / 10
 
 
+def test_both_adapters_read_a_meta_folder(goldens, tmp_path):
+    """A Meta folder (params.json + consolidated.00.pth) of the same weights gives the same candidate; the HF
+    adapter converts it to an HF folder first."""
+    from llama31.convert import convert
+
+    golden = goldens["tiny-llama3.2"]
+    meta = tmp_path / "meta"
+    convert(CHECKPOINTS / "tiny-llama3.2", meta, to="meta")
+    for engine, model in ((llama31_engine, Transformer.from_pretrained(meta)), (hf_engine, hf_engine.load(meta))):
+        data, tensors = document(request(golden), engine.run(model, request(golden)), {"engine": "meta"})
+        report = check(golden, from_memory(data, tensors, "meta", golden), "fp32")
+        assert report.passed, report.text
+
+
 def test_long_prompts_prefilled_in_chunks_pass_too(goldens, monkeypatch):
     """The path a real checkpoint's 16K-token probe takes (chunked prefill into the KV cache, then decoding from
     it), forced here on the 375-token probe with chunks of 100, in both adapters."""
