@@ -373,6 +373,30 @@ MALFORMED = {
 }
 
 
+@pytest.mark.parametrize("margin, passes", [(5e-5, True), (5e-3, False)])
+def test_greedy_may_part_at_a_tie_and_nowhere_else(margin, passes, minimal, goldens):
+    """At fp32 the greedy ids must be identical, except where the golden's top two tokens are within 2 x tol:
+    there rounding decides, and either choice passes. Made by editing step 3 of one prompt on both sides."""
+    golden = copy.deepcopy(goldens["tiny-llama3.1"])
+    g = golden.results["chat-user"]
+    first, second = g.gen_topk_ids[3, :2]
+    g.gen_topk_logprobs[3, 1] = g.gen_topk_logprobs[3, 0] - margin  # a near-tie (or not) in the golden
+    data = copy.deepcopy(minimal)
+    c = data["results"]["chat-user"]["continuation"]
+    c["ids"] = c["ids"][:3] + [int(second)]  # the candidate takes the other token and stops there
+    c["topk_ids"], c["topk_logprobs"] = c["topk_ids"][:4], c["topk_logprobs"][:4]
+    lp = g.gen_topk_logprobs[3]
+    c["topk_ids"][3] = [int(second), int(first)] + g.gen_topk_ids[3, 2:5].tolist()
+    c["topk_logprobs"][3] = [float(lp[1]), float(lp[0])] + lp[2:5].tolist()  # ranked its way, same values
+    c["topk_logprobs"][3][0] += margin  # ... and its top two reversed within rounding of the golden's
+    report = check(golden, from_memory(data, None, "tie", golden), "fp32")
+    assert report.passed == passes, report.text
+    if passes:
+        assert "departs from the golden's greedy ids at step 3, at a tie" in report.text
+    else:
+        assert "greedy ids differ: prompt 'chat-user' from step 3" in report.failures
+
+
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_candidates_are_rejected_with_a_clear_message(case, minimal, goldens, tmp_path, capsys):
     edit, message = MALFORMED[case]
