@@ -13,7 +13,7 @@ Modules, in the order the data flows:
     make.py         a golden: llama31's results plus provenance and debug aids, cross-checked against HF
     fileformat.py   reading, validating and writing golden and candidate files (JSON + safetensors)
     compare.py      per-position comparisons and the KL estimate
-    check.py        the tiers, the verdict and the report
+    check.py        the tiers and the verdict (report.py words the report)
 
 Used from a checkout (the repository root on sys.path); it is not part of the installed llama31 package.
 See reference/README.md.
