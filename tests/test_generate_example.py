@@ -77,6 +77,19 @@ def test_interactive_chat_keeps_the_history(real_vocab_folder):
     assert len(prompt_sizes) == 2 and prompt_sizes[1] > prompt_sizes[0] + 4
 
 
+def test_torchrun_two_processes_print_once_and_sample_what_one_process_samples(real_vocab_folder, tmp_path):
+    folder, _ = real_vocab_folder
+    args = ["--ckpt-dir", str(folder), "--prompt", "Once upon a time", "--temperature", "0.9", "--seed", "5",
+            "--max-new-tokens", "8"]
+    single = run(*args)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr
+    assert multi.stdout == single.stdout  # rank 1 printed nothing, and rank 0 sampled the same tokens
+    assert multi.stderr.count("model: hf checkpoint") == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),

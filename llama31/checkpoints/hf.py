@@ -2,7 +2,8 @@
 with model.safetensors.index.json).
 
 Reading yields tensors under Meta's names with wq/wk rows back in Meta's interleaved order, one tensor at a
-time, so that a model never needs two copies of its weights in memory.
+time, so that a model never needs two copies of its weights in memory; a model-parallel rank reads only its
+slice of each tensor (read_shard).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama31.checkpoints.names import hf_rows_to_meta, hf_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
+from llama31.checkpoints.sharding import shard_dim, shard_range
 from llama31.config import ModelArgs
 
 SINGLE_FILE = "model.safetensors"
@@ -74,7 +76,8 @@ class HFCheckpoint:
         """The parameter names in the folder, as Meta names."""
         return list(self._meta_to_hf)
 
-    def file_of(self, name: str) -> Path:
+    def file_of(self, name: str, rank: int = 0, world_size: int = 1) -> Path:
+        """The file that holds `name` (every rank's slice of it is in the same file)."""
         return self._file_of[self._meta_to_hf[name]]
 
     def source_name(self, name: str) -> str:
@@ -93,6 +96,27 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.file_of(name)).get_slice(self._meta_to_hf[name]).get_shape())
+
+    def read_shard(self, name: str, rank: int, world_size: int) -> torch.Tensor:
+        """Rank `rank`'s slice of `name` for a model split over world_size processes (sharding.py), in Meta's
+        layout. Only the slice is read from the file (safetensors slicing), never the whole tensor."""
+        dim = shard_dim(name)
+        tensor = self._handle(self.file_of(name)).get_slice(self._meta_to_hf[name])
+        if dim is None:
+            return tensor[:]  # replicated: norms
+        size = tensor.get_shape()[dim]
+        start, stop = shard_range(name, size, rank, world_size, self.args.n_kv_heads)
+        part = tensor[start:stop] if dim == 0 else tensor[:, start:stop]
+        n = permuted_heads(name, self.args.n_heads, self.args.n_kv_heads)
+        if n:
+            # HF's q/k row permutation acts within each head and the slice holds whole heads: un-permute the
+            # slice's own heads
+            head_rows = size // n
+            if (stop - start) % head_rows:
+                raise ValueError(f"{self.file_of(name)}: rank {rank} of {world_size} would hold part of a head of "
+                                 f"{self._meta_to_hf[name]!r}; use a number of processes that divides the heads")
+            part = hf_rows_to_meta(part, (stop - start) // head_rows)
+        return part
 
 
 def save_hf(path, args: ModelArgs, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,

@@ -5,7 +5,8 @@ tensor in the checkpoint must be used: a missing key, an unexpected key or a wro
 names the file, the key and the shapes. Nothing is guessed or silently dropped.
 
 The model is first built on the "meta" device (no memory), then each tensor is read, cast and moved on its
-own, so loading an 8B model in bf16 needs its 16 GB once, not twice.
+own, so loading an 8B model in bf16 needs its 16 GB once, not twice. Split over N processes (torchrun), each
+process builds its 1/N of the model and reads only that slice of each tensor.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from typing import Callable
 
 import torch
 
+from llama31 import parallel
 from llama31.checkpoints.hf import HFCheckpoint, is_hf_folder
 from llama31.checkpoints.meta import MetaCheckpoint, is_meta_folder
 
 log = logging.getLogger("llama31")
 
 
-def open_checkpoint(path) -> HFCheckpoint | MetaCheckpoint:
-    """Open a Meta folder (params.json + consolidated.NN.pth) or an HF folder (config.json + safetensors)."""
+def open_checkpoint(path, *, rank: int = 0, world_size: int = 1) -> HFCheckpoint | MetaCheckpoint:
+    """Open a Meta folder (params.json + consolidated.NN.pth) or an HF folder (config.json + safetensors).
+
+    rank, world_size: the model-parallel process that will read it (a Meta folder then opens that rank's file).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist (or is not a folder)")
     if is_meta_folder(path):
-        return MetaCheckpoint(path)
+        return MetaCheckpoint(path, rank=rank, world_size=world_size)
     if is_hf_folder(path):
         return HFCheckpoint(path)
     found = sorted(p.name for p in path.iterdir())[:20]
@@ -45,26 +50,57 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
     dtype: of the weights (None: float32). device: where they go (None: CPU).
     max_seq_len: shorten the model's context (it sizes the RoPE tables; the default is the checkpoint's).
     progress: called as progress(bytes_loaded, bytes_total) after each tensor.
+    layers: how projections are built (llama31.model.layers). None: plain, or INT4 for a quantized checkpoint,
+    or, when started by torchrun with several processes, llama31.parallel.ParallelLayers (this sets up the
+    process group); each process then reads only its slice of every weight.
     The returned model has .checkpoint_info = {"format": "hf" | "meta", "path", "files"}.
     """
+    if layers is None and parallel.world_size() > 1:
+        layers = parallel.ParallelLayers()
+    world_size = layers.model_parallel_size if layers is not None else 1
+    if world_size == 1:
+        return _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress)
+    # a rank that fails (a broken file) must not leave the others waiting for it: all raise
+    with parallel.all_ranks_succeed(f"to load {path}"):
+        model = _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress)
+    return model
+
+
+def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress):
     from llama31.model.transformer import Transformer
 
     model_class = model_class or Transformer
-    ckpt = open_checkpoint(path)
+    rank, world_size = (layers.model_parallel_rank, layers.model_parallel_size) if layers is not None else (0, 1)
+    ckpt = open_checkpoint(path, rank=rank, world_size=world_size)
     if ckpt.quantization and layers is None:
         from llama31.quant.checkpoint import layers_for_checkpoint  # only INT4 checkpoints need it
         layers = layers_for_checkpoint(ckpt)
+    elif ckpt.quantization and world_size > 1:
+        raise NotImplementedError(f"{ckpt.path}: loading a quantized checkpoint on {world_size} processes is not "
+                                  "supported; run it in one process, or convert the float weights")
     args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
     dtype = dtype or torch.float32
     model = model_class(args, dtype=dtype, device="meta", layers=layers)
-    load_weights(model, ckpt, dtype=dtype, device=device or "cpu", progress=progress)
+    load_weights(model, ckpt, dtype=dtype, device=device or "cpu", progress=progress,
+                 rank=rank, world_size=world_size)
     model.checkpoint_info = {"format": ckpt.format, "path": str(ckpt.path), "files": [str(f) for f in ckpt.files]}
     log.info("loaded %s checkpoint from %s (%d file(s))", ckpt.format.upper(), ckpt.path, len(ckpt.files))
     return model
 
 
-def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None) -> None:
-    """Read every parameter of `model` from `ckpt`, check names and shapes, and assign them."""
+def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank: int = 0,
+                 world_size: int = 1) -> None:
+    """Read every parameter of `model` from `ckpt`, check names and shapes, and assign them.
+
+    rank, world_size: for a model split over world_size processes (llama31.parallel), this rank reads only its
+    slice of each parameter (ckpt.read_shard); the expected shapes are the model's own, per-rank ones.
+    """
+    def read(name: str) -> torch.Tensor:
+        return ckpt.read(name) if world_size == 1 else ckpt.read_shard(name, rank, world_size)
+
+    def file_of(name: str):
+        return ckpt.file_of(name) if world_size == 1 else ckpt.file_of(name, rank, world_size)
+
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = model.args.tie_word_embeddings
     available = set(ckpt.keys())
@@ -90,10 +126,12 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None) -> N
     done = 0
     state = {}
     for name, shape in expected.items():
-        tensor = ckpt.read(name)
+        tensor = read(name)
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{ckpt.file_of(name)}: {ckpt.source_name(name)!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {shape}. Check that the config matches the weights.")
+            slice_of = f" (the slice of rank {rank} of {world_size})" if world_size > 1 else ""
+            raise ValueError(f"{file_of(name)}: {ckpt.source_name(name)!r}{slice_of} has shape "
+                             f"{tuple(tensor.shape)}, the model expects {shape}. Check that the config matches the "
+                             "weights.")
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor.to(device)
@@ -101,10 +139,10 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None) -> N
         if progress:
             progress(done, total)
     if tied and "output.weight" in available:
-        output = ckpt.read("output.weight").to(dtype)
+        output = read("output.weight").to(dtype)
         if output.shape != state["tok_embeddings.weight"].shape or not torch.equal(
                 output.to(state["tok_embeddings.weight"].device), state["tok_embeddings.weight"]):
-            raise ValueError(f"{ckpt.file_of('output.weight')}: the config ties the output layer to the embedding, "
+            raise ValueError(f"{file_of('output.weight')}: the config ties the output layer to the embedding, "
                              "but the checkpoint's output weight differs from it; set tie_word_embeddings to false")
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]

@@ -1,12 +1,11 @@
 """Meta checkpoint folders: params.json + consolidated.00.pth .. consolidated.NN.pth (one per model-parallel rank).
 
 The .pth files are pickles, loaded with weights_only=True (no code runs) and mmap=True (no copy until used).
-A model-parallel checkpoint is split the way fairscale's layers split their weights:
+A model-parallel checkpoint is split the way fairscale's layers split their weights (sharding.py has the table):
+wq, wk, wv, w1, w3, output and tok_embeddings along dim 0, wo and w2 along dim 1, norms in every file.
 
-    column-parallel (output rows split):  wq, wk, wv, w1, w3, output    -> dim 0
-    row-parallel (input columns split):   wo, w2                         -> dim 1
-    vocab-parallel embedding:             tok_embeddings                 -> dim 0 (Llama 2 split dim 1)
-    norms:                                replicated in every file       -> None
+Files are opened only when a tensor in them is needed: a process of a model-parallel run reads only the files
+that hold its slice (with as many processes as files, its own file; see read_shard).
 """
 
 from __future__ import annotations
@@ -17,20 +16,10 @@ from pathlib import Path
 
 import torch
 
+from llama31.checkpoints.sharding import shard_dim, shard_range
 from llama31.config import ModelArgs
 
 SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
-
-
-def shard_dim(name: str) -> int | None:
-    """The dimension along which Meta's model-parallel files split parameter `name` (None: replicated)."""
-    module = name.rsplit(".", 1)[0]
-    if module.endswith(("attention.wo", "feed_forward.w2")):
-        return 1
-    if module.endswith(("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")) \
-            or module in ("output", "tok_embeddings"):
-        return 0
-    return None
 
 
 def is_meta_folder(path: Path) -> bool:
@@ -43,7 +32,7 @@ def shard_files(path: Path) -> list[Path]:
     for expected, (number, file) in enumerate(numbered):
         if number != expected:
             raise FileNotFoundError(f"{path}: model-parallel files must be consolidated.00.pth .. "
-                                    f"consolidated.{len(numbered) - 1:02d}.pth; consolidated.{expected:02d}.pth is "
+                                    f"consolidated.{numbered[-1][0]:02d}.pth; consolidated.{expected:02d}.pth is "
                                     "missing. Copy every file of the checkpoint into the folder.")
     return [p for _, p in numbered]
 
@@ -58,11 +47,16 @@ def load_shard(file: Path) -> dict[str, torch.Tensor]:
 
 
 class MetaCheckpoint:
-    """A Meta folder opened for reading: args, the tensor names, and read(name) (shards merged)."""
+    """A Meta folder opened for reading: args, the tensor names, read(name) (the files merged) and
+    read_shard(name, rank, world_size) (one model-parallel rank's slice, from the files that hold it).
+
+    rank, world_size: the process that will read, so that it opens its own file first (and, with as many
+    processes as files, no other).
+    """
 
     format = "meta"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, rank: int = 0, world_size: int = 1):
         self.path = path
         params_file = path / "params.json"
         try:
@@ -71,18 +65,14 @@ class MetaCheckpoint:
             raise ValueError(f"{params_file}: not valid JSON ({e})") from None
         self.quantization = self.params.get("quantization_args")
         self._files = shard_files(path)
-        self._shards = [load_shard(f) for f in self._files]
-        first = self._shards[0]
-        for file, shard in zip(self._files[1:], self._shards[1:]):
-            if set(shard) != set(first):
-                diff = sorted(set(shard) ^ set(first))[:5]
-                raise ValueError(f"{file} and {self._files[0]} hold different parameter names (e.g. {diff}); "
-                                 "all files of a model-parallel checkpoint hold the same names")
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}  # file index -> its tensors, opened on first use
+        self._home = rank * len(self._files) // world_size  # the first file this rank's slices are in
+        first = self._shard(self._home)
         if "tie_word_embeddings" not in self.params and "output.weight" not in first:
             # Meta's 3.2 1B/3B files carry no output.weight: the embedding is reused
             self.params = {**self.params, "tie_word_embeddings": True}
         if "vocab_size" in self.params and self.params["vocab_size"] in (-1, None):
-            self.params = {**self.params, "vocab_size": self._full_shape("tok_embeddings.weight")[0]}
+            self.params = {**self.params, "vocab_size": self.shape("tok_embeddings.weight")[0]}
         self.args = ModelArgs.from_meta_params(self.params, source=str(params_file))
         self.unexpected: list[tuple[str, Path]] = []
 
@@ -90,39 +80,88 @@ class MetaCheckpoint:
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def keys(self) -> list[str]:
-        return list(self._shards[0])
+    def _shard(self, i: int) -> dict[str, torch.Tensor]:
+        """The tensors of file i (opened now if not yet); every file must hold the same names."""
+        if i not in self._shards:
+            shard = load_shard(self._files[i])
+            if self._shards:
+                j, other = next(iter(self._shards.items()))
+                if set(shard) != set(other):
+                    diff = sorted(set(shard) ^ set(other))[:5]
+                    raise ValueError(f"{self._files[i]} and {self._files[j]} hold different parameter names (e.g. "
+                                     f"{diff}); all files of a model-parallel checkpoint hold the same names")
+            self._shards[i] = shard
+        return self._shards[i]
 
-    def file_of(self, name: str) -> Path:
-        return self._files[0] if len(self._files) == 1 else self.path
+    def _part(self, i: int, name: str) -> torch.Tensor:
+        """File i's part of `name`; parts are equal in shape in every file (fairscale splits evenly)."""
+        part, home = self._shard(i)[name], self._shard(self._home)[name]
+        if part.shape != home.shape:
+            raise ValueError(f"{self._files[i]}: {name!r} has shape {tuple(part.shape)} but "
+                             f"{self._files[self._home].name} has {tuple(home.shape)}; every file of a "
+                             "model-parallel checkpoint holds an equal part. Is a file from another model?")
+        return part
+
+    def keys(self) -> list[str]:
+        return list(self._shard(self._home))
+
+    def file_of(self, name: str, rank: int = 0, world_size: int = 1) -> Path:
+        """The file that `name` (or rank's slice of it) is read from; the folder when it spans several."""
+        if world_size == 1:
+            return self._files[0] if len(self._files) == 1 else self.path
+        files = self._files_of(name, rank, world_size)
+        return self._files[files.start] if len(files) == 1 else self.path
 
     def source_name(self, name: str) -> str:
         return name
 
     def _split_dim(self, name: str) -> int | None:
         dim = shard_dim(name)
-        if name == "tok_embeddings.weight" and len(self._shards) > 1:
+        if name == "tok_embeddings.weight" and len(self._files) > 1:
             # Llama 3 splits the vocabulary (dim 0), Llama 2 the embedding width (dim 1): tell by shape
-            dim = 0 if self._shards[0][name].shape[1] == self._shards[0]["norm.weight"].shape[0] else 1
+            home = self._shard(self._home)
+            dim = 0 if home[name].shape[1] == home["norm.weight"].shape[0] else 1
         return dim
 
-    def _full_shape(self, name: str) -> tuple[int, ...]:
-        shape = list(self._shards[0][name].shape)
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full (merged) shape of `name`."""
+        shape = list(self._shard(self._home)[name].shape)
         dim = self._split_dim(name)
         if dim is not None:
-            shape[dim] = sum(s[name].shape[dim] for s in self._shards)
+            shape[dim] *= len(self._files)
         return tuple(shape)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._full_shape(name)
 
     def read(self, name: str) -> torch.Tensor:
         """The full tensor of `name`: the rank files concatenated along the parameter's split dimension."""
-        parts = [s[name] for s in self._shards]
         dim = self._split_dim(name)
-        if dim is None or len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts, dim=dim)
+        if dim is None or len(self._files) == 1:
+            return self._shard(self._home)[name]
+        return torch.cat([self._part(i, name) for i in range(len(self._files))], dim=dim)
+
+    def _slice(self, name: str, rank: int, world_size: int) -> tuple[int, int, int]:
+        """(dim, start, stop): rank's slice of `name` in the merged tensor."""
+        dim = self._split_dim(name)
+        size = self.shape(name)[dim]
+        return (dim, *shard_range(name, size, rank, world_size, self.args.n_kv_heads))
+
+    def _files_of(self, name: str, rank: int, world_size: int) -> range:
+        dim, start, stop = self._slice(name, rank, world_size)
+        per_file = self._shard(self._home)[name].shape[dim]
+        return range(start // per_file, (stop - 1) // per_file + 1)
+
+    def read_shard(self, name: str, rank: int, world_size: int) -> torch.Tensor:
+        """Rank `rank`'s slice of `name` for a model split over world_size processes, reading only the files
+        that hold it: with as many processes as files, file `rank` alone; with fewer, parts of several files
+        are joined; with more, a file's part is cut (and kv heads repeated when processes outnumber them)."""
+        if self._split_dim(name) is None:
+            return self._shard(self._home)[name]  # replicated: norms
+        dim, start, stop = self._slice(name, rank, world_size)
+        per_file = self._shard(self._home)[name].shape[dim]
+        pieces = []
+        for i in self._files_of(name, rank, world_size):
+            lo, hi = max(start - i * per_file, 0), min(stop - i * per_file, per_file)
+            pieces.append(self._part(i, name).narrow(dim, lo, hi - lo))
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)).contiguous()
 
 
 def save_meta(path, args: ModelArgs, state_dict: dict[str, torch.Tensor], *, n_shards: int = 1,
@@ -135,8 +174,11 @@ def save_meta(path, args: ModelArgs, state_dict: dict[str, torch.Tensor], *, n_s
             raise ValueError(f"cannot split {name} of shape {tuple(tensor.shape)} into {n_shards} files along "
                              f"dim {dim}; choose a number of shards that divides it")
     if args.n_kv_heads % n_shards:
-        raise ValueError(f"{n_shards} shards cannot split {args.n_kv_heads} kv heads evenly; use a divisor of "
-                         f"{args.n_kv_heads}")
+        # Possible in principle (repeat the kv heads and write a larger n_kv_heads, as Meta's 16-file 405B does),
+        # but not needed: llama31 runs any checkpoint on any number of processes, repeating kv heads on load.
+        raise ValueError(f"{n_shards} files cannot split {args.n_kv_heads} kv heads evenly (a file would hold part of "
+                         f"a head); write a divisor of {args.n_kv_heads} files. llama31 loads such a folder on any "
+                         "number of processes (kv heads are repeated on load when processes outnumber them).")
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.json").write_text(json.dumps(args.to_meta_params(), indent=2) + "\n")
     for rank in range(n_shards):

@@ -24,6 +24,7 @@ class Layers:
     """Plain single-device layers: every weight stored whole, in ``dtype`` on ``device``."""
 
     model_parallel_size: int = 1  # heads are divided by this number in each rank's attention
+    model_parallel_rank: int = 0  # which slice of each split weight this process holds (the loader reads it)
 
     def column(self, in_features: int, out_features: int, *, dtype: torch.dtype, device) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)

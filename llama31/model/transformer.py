@@ -68,6 +68,8 @@ class Transformer(nn.Module):
 
         dtype: of the weights (None: float32 for float checkpoints). The format found is reported in
         ``model.checkpoint_info``. See llama31.checkpoints.load_pretrained for the other arguments.
+        Started by torchrun with several processes, the model is split over them (llama31.parallel) and each
+        process loads only its slice; it is called the same way and returns the same logits on every process.
         """
         from llama31.checkpoints import load_pretrained  # the model core depends on no loader at import time
 
