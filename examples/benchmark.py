@@ -500,6 +500,10 @@ def _n_params(args: ModelArgs) -> int:
     return args.n_layers * (attn + ffn + 2 * args.dim) + embeddings + args.dim
 
 
+def _size(parameters: int) -> str:
+    return f"{parameters / 1e9:.3f} B" if parameters >= 1e9 else f"{parameters / 1e6:.2f} M"
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -516,9 +520,8 @@ def format_table(report: dict) -> str:
     configs = report["configs"]
     keys = list(next(iter(configs.values()))["ops"])
     m, bw = report["model"], report["bandwidth"]
-    size = f"{m['parameters'] / 1e9:.3f} B" if m["parameters"] >= 1e9 else f"{m['parameters'] / 1e6:.2f} M"
-    lines = [f"{m['preset']}: {size} parameters, {report['machine']['threads']} threads, "
-             f"{report['settings']['reps']} reps (medians); memory bandwidth {bw['mv_fp32_GBps']:.1f} GB/s "
+    lines = [f"{m['preset']}: {_size(m['parameters'])} parameters, {report['machine']['threads']} thread(s), "
+             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth {bw['mv_fp32_GBps']:.1f} GB/s "
              f"(fp32 mv), {bw['copy_GBps']:.1f} GB/s (copy)"]
 
     def table(heads: list[str], rows: dict[str, list[str]]) -> None:
@@ -546,7 +549,8 @@ def format_table(report: dict) -> str:
         cells = [x for k in roof for x in (f"{c['ops'][k]['roofline_tok_s']:.2f}",
                                            f"{100 * c['ops'][k]['fraction_of_roofline']:.0f}%")]
         cells += [f"{c['ops'][k]['step_ms']:.1f}" for k in roof]
-        cells += [f"{c['weight_bytes_read_per_step'] / 1e6:.0f}", f"{c['rss_weights_MiB']:.0f}",
+        mb = c["weight_bytes_read_per_step"] / 1e6
+        cells += [f"{mb:.0f}" if mb >= 10 else f"{mb:.2f}", f"{c['rss_weights_MiB']:.0f}",
                   f"{c['rss_peak_run_MiB']:.0f}"]
         rows[name] = cells
     table(heads, rows)
@@ -588,10 +592,11 @@ def plot(report: dict, path: Path) -> bool:
         ax.set_xticks([j + bar * (len(configs) - 1) / 2 for j in range(len(group))], [k.replace("_", " ") for k in group])
         ax.set_ylabel("tokens / s")
         ax.set_title(title)
-    axes[0].legend(title="dashed: roofline (bandwidth / bytes per step)", fontsize=8)
+    axes[0].set_yscale("log")  # rooflines can be far above the bars
+    axes[0].legend(title="dashed: decode roofline (bandwidth / bytes per step)", fontsize=8)
     m = report["model"]
-    fig.suptitle(f"llama31 vs HF transformers: {m['preset']} ({m['parameters'] / 1e9:.2f} B params), "
-                 f"{report['machine']['threads']} threads, {report['bandwidth']['mv_fp32_GBps']:.1f} GB/s")
+    fig.suptitle(f"llama31 vs HF transformers: {m['preset']} ({_size(m['parameters'])} parameters), "
+                 f"{report['machine']['threads']} thread(s), {report['bandwidth']['mv_fp32_GBps']:.1f} GB/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
