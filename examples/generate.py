@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="INT4 group size with --int4 (default 128)")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt + reply to support (default: the "
                                                         "model's context)")
+    parser.add_argument("--prefill-chunk", type=int, help="prefill the prompt N tokens at a time through the KV "
+                                                          "cache (bounds attention memory on long prompts; "
+                                                          "default: the whole prompt at once)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--temperature must be >= 0")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        parser.error("--prefill-chunk must be at least 1")
     return args
 
 
@@ -81,7 +86,8 @@ def stream_reply(llama: Llama, prompt_tokens: list[int], args) -> tuple[list[int
     start = time.perf_counter()
     first = None
     for step in llama.stream([prompt_tokens], args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, stop_tokens=sorted(stop_tokens)):
+                             top_p=args.top_p, seed=args.seed, stop_tokens=sorted(stop_tokens),
+                             prefill_chunk=args.prefill_chunk):
         first = first or time.perf_counter()
         if not step.generated[0]:
             continue

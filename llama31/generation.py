@@ -54,6 +54,21 @@ class ChatCompletion:
     prompt_tokens: list[int]
 
 
+def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk: int | None = None) -> torch.Tensor:
+    """Run tokens (bs, n) at positions start_pos .. start_pos + n - 1 through the model's KV cache, at most
+    ``chunk`` positions per forward (None: all n at once). Returns the last position's logits (bs, vocab).
+
+    Chunking changes no result: each chunk's queries see the cached keys of every earlier chunk, exactly as
+    they would in one forward. It bounds the attention scores of one forward to chunk x T instead of n x T,
+    which is what makes a 128K-token prompt fit in memory.
+    """
+    n = tokens.shape[1]
+    chunk = chunk or n
+    for begin in range(0, n, chunk):
+        logits = model(tokens[:, begin:begin + chunk], start_pos + begin, last_only=True)
+    return logits[:, -1]
+
+
 class Llama:
     """A Transformer with its tokenizer and chat format: text in, text out."""
 
@@ -107,14 +122,17 @@ class Llama:
     @torch.inference_mode()
     def stream(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, *, temperature: float = 0.6,
                top_p: float = 0.9, logprobs: bool = False, stop_tokens: Sequence[int] | None = None,
-               seed: int | None = None, generator: torch.Generator | None = None) -> Iterator[Step]:
+               seed: int | None = None, generator: torch.Generator | None = None,
+               prefill_chunk: int | None = None) -> Iterator[Step]:
         """Generate up to max_gen_len tokens after each prompt, yielding a Step per position.
 
         A row stops at its first stop token (default: eot, eom, end_of_text) or after max_gen_len tokens.
         seed or generator: make sampling reproducible (the same seed gives the same tokens).
+        prefill_chunk: prefill the prompts at most this many positions per forward (None: all at once), so
+        that attention holds at most prefill_chunk x T scores instead of T x T; the logits are the same.
         """
         params = self.model.args
-        self._check(prompt_tokens, max_gen_len, temperature, top_p)
+        self._check(prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk)
         device = self.model.tok_embeddings.weight.device
         if generator is None:
             generator = self.generator if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -140,7 +158,7 @@ class Llama:
             prev_pos = 0
             for cur_pos in range(min_len, total_len):
                 # prefill on the first step (positions 0 .. min_len - 1), one position per step afterwards
-                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]  # (bs, vocab)
+                logits = prefill(self.model, tokens[:, prev_pos:cur_pos], prev_pos, prefill_chunk)  # (bs, vocab)
                 next_token = sample(logits, temperature, top_p, generator)
                 next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token
@@ -156,7 +174,7 @@ class Llama:
         finally:
             self.model.clear_cache()
 
-    def _check(self, prompt_tokens, max_gen_len, temperature, top_p) -> None:
+    def _check(self, prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk=None) -> None:
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
         if len(prompt_tokens) > self.max_batch_size:
@@ -175,6 +193,8 @@ class Llama:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
 
     # ------------------------------------------------------------------ Meta's API
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float = 0.6,
@@ -183,7 +203,7 @@ class Llama:
         """Per prompt, the generated ids (up to, not including, the stop token) and, if asked, their logprobs.
 
         echo: prepend the prompt (and, with logprobs, the prompt's logprobs; the first token gets 0.0).
-        Other keyword arguments (stop_tokens, seed, generator) as for stream().
+        Other keyword arguments (stop_tokens, seed, generator, prefill_chunk) as for stream().
         """
         rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
         out_tokens = [tokens for tokens, _, _ in rows]

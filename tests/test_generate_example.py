@@ -90,9 +90,19 @@ def test_torchrun_two_processes_print_once_and_sample_what_one_process_samples(r
     assert multi.stderr.count("model: hf checkpoint") == 1
 
 
+def test_prefill_chunk_gives_the_same_continuation(real_vocab_folder):
+    folder, _ = real_vocab_folder
+    common = ("--ckpt-dir", str(folder), "--prompt", "The capital of France is", "--temperature", "0",
+              "--max-new-tokens", "6")
+    whole, chunked = run(*common), run(*common, "--prefill-chunk", "2")  # the prompt: 6 tokens, 3 chunks
+    assert whole.returncode == 0 and chunked.returncode == 0, chunked.stderr
+    assert chunked.stdout == whole.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
     (["--prompt", "x", "--chat"], "not allowed with argument"),
     (["--ckpt-dir", "/nonexistent/llama"], "checkpoint folder /nonexistent/llama does not exist"),
     (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
@@ -107,5 +117,5 @@ def test_help_documents_every_option():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--ckpt-dir", "--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-p",
-                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len"):
+                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk"):
         assert option in result.stdout

@@ -1,0 +1,668 @@
+"""Benchmark llama31 against HF transformers on the same random weights: decode, prefill, TTFT, memory.
+
+    python examples/benchmark.py                                   # the Llama 3.2 1B shape, fp32 + bf16 (+ INT4)
+    python examples/benchmark.py --preset tiny --reps 1            # seconds, for a quick look
+    python examples/benchmark.py --dtypes bf16 --batch-sizes 1 --prefill-lens 128 --engines llama31
+
+What it does
+  * Builds a random Llama 3.1-architecture model of --preset (weights ~ N(0, 0.02) from a fixed seed, bf16)
+    and saves it ONCE as an HF folder under --cache-dir; later runs reuse it. Both engines load that folder:
+    llama31 with Transformer.from_pretrained, HF with LlamaForCausalLM.from_pretrained (its default "sdpa"
+    attention), in the same dtype. INT4 (llama31 only, if llama31.quant exists) is the bf16 model quantized
+    round-to-nearest with group size 128 and bf16 activations.
+  * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
+    its own: "weights" is the worker's RSS after loading minus its RSS before (imports and tokenizer already
+    paid), "peak" the highest RSS during any measurement minus that same baseline (the kernel's peak-RSS
+    counter is reset before each measurement). The workers of one dtype are alive together and are driven
+    ALTERNATELY, one measurement at a time, in an order that rotates every repetition, so that a noisy
+    neighbour slows both sides alike; figures are medians over --reps, ratios are medians of per-repetition
+    ratios (paired). The INT4 worker takes part in every dtype's round, so it is compared with HF fp32 and bf16.
+  * Measurements (greedy everywhere, prompts of random ids from a fixed seed; the same for both engines):
+      decode bB      B rows: prefill a --decode-prompt-token prompt, then time --decode-tokens forward steps
+                     of one token per row through the KV cache, argmax in between. tok/s = B * steps / time.
+                     llama31: model.setup_cache + model(tokens, start_pos, last_only=True) per step.
+                     HF: the same loop by hand, model(ids, cache=DynamicCache, logits_to_keep=1) per step.
+      prefill L      one forward of L prompt tokens into an empty KV cache, last position's logits only.
+      TTFT L         time to the first token through each engine's generate API (a prompt of the first
+                     prefill length): llama31's Llama.stream until its first generated token; HF's
+                     generate(max_new_tokens=1).
+      generate b1    end to end: llama31's Llama.generate(temperature=0) vs HF's generate(do_sample=False),
+                     --decode-tokens new tokens after a --decode-prompt-token prompt, prefill included; no
+                     stop token can end either one early.
+  * The machine's memory bandwidth is measured in the same run (every repetition, between measurements):
+    fp32 torch.mv over a 256 MiB matrix (the access pattern of decoding) and a 256 MiB copy. Each decode
+    figure is shown as a fraction of its roofline: B * bandwidth / (bytes of weights read per step + bytes
+    of KV cache read per step), with the mv bandwidth.
+  * Output: a table on stdout, a JSON file (--out-json) and, if matplotlib is installed, a PNG (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llama31.config import ModelArgs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ENGINES = ("llama31", "hf")
+
+PRESETS = {
+    # seconds on a laptop: for the smoke test and quick looks
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192,
+                      max_seq_len=2048),
+    # the published shapes, with a 4096-token context: the RoPE tables of 128K positions are not what is measured
+    **{name: ModelArgs.preset(name).replace(max_seq_len=4096)
+       for name in ("llama3.2-1b", "llama3.2-3b", "llama3.1-8b")},
+}
+SEED = 0
+
+
+# ====================================================================== the model folder, built once
+def model_folder(preset: str, cache_dir: Path) -> Path:
+    """The HF folder of the preset's random model under cache_dir, written on the first call, then reused."""
+    from llama31.checkpoints import save_hf
+    from llama31.model import Transformer
+
+    args = PRESETS[preset]
+    folder = cache_dir / f"{preset}-seed{SEED}-ctx{args.max_seq_len}"
+    config = folder / "config.json"
+    if config.exists() and json.loads(config.read_text()) == json.loads(json.dumps(args.to_hf_config("bfloat16"))):
+        return folder
+    print(f"building the random {preset} model and saving it to {folder} (once) ...", file=sys.stderr, flush=True)
+    shapes = Transformer(args, device="meta").state_dict()  # names and shapes only, no memory
+    state = {}
+    for i, (name, tensor) in enumerate(shapes.items()):
+        if args.tie_word_embeddings and name == "output.weight":
+            continue
+        g = torch.Generator().manual_seed(SEED * 10_000 + i)
+        if tensor.dim() == 1:  # RMSNorm weights
+            state[name] = torch.ones(tensor.shape, dtype=torch.bfloat16)
+        else:
+            state[name] = (torch.randn(tensor.shape, generator=g) * 0.02).to(torch.bfloat16)
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    partial = folder.with_name(folder.name + ".partial")  # a run killed while saving leaves nothing reusable
+    save_hf(partial, args, state, dtype=torch.bfloat16)
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    partial.rename(folder)
+    return folder
+
+
+# ====================================================================== memory of this process
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where Linux does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def take_baseline_rss() -> int:
+    """This process's RSS once every library is imported, just before a model is loaded.
+
+    torch imports torch._dynamo (and sympy: ~70 MiB) lazily, the first time a module is built on the "meta"
+    device; both engines load that way, so it is paid here rather than charged to either model.
+    """
+    torch.nn.Embedding(1, 1, device="meta")
+    gc.collect()
+    reset_peak_rss()
+    return rss()
+
+
+def peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not resettable: the peak since the process started
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ====================================================================== the engines, inside a worker process
+def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
+    """(batch, length) random ids, the same for every engine."""
+    g = torch.Generator().manual_seed(1000 * batch + length)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+class Llama31Engine:
+    def __init__(self, folder: Path, dtype: str):
+        from llama31.generation import Llama
+        from llama31.model import Transformer
+        from llama31.text import Tokenizer
+
+        tokenizer = Tokenizer()  # only for Llama's pad id; loaded before the baseline RSS is taken
+        self.baseline = take_baseline_rss()
+        model = Transformer.from_pretrained(folder, dtype=DTYPES.get(dtype, torch.bfloat16)).eval()
+        if dtype == "int4":
+            from llama31.quant import quantize_model
+
+            model = quantize_model(model, int4_group_size(model.args)).eval()
+            gc.collect()
+        self.model, self.vocab = model, model.args.vocab_size
+        self.llama = Llama(model, tokenizer, max_batch_size=64)
+
+    def weight_bytes(self) -> int:
+        """Bytes read per decode step for the weights: every parameter and buffer once (the output layer reads
+        the whole vocab matrix; the embedding is only indexed, so it counts only when tied to the output)."""
+        seen, total = set(), 0
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if t.data_ptr() in seen or (name.startswith("tok_embeddings") and not self.model.args.tie_word_embeddings):
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    @torch.inference_mode()
+    def decode(self, batch: int, prompt_len: int, steps: int) -> dict:
+        tokens = prompt(batch, prompt_len, self.vocab)
+        self.model.setup_cache(batch, prompt_len + steps)
+        next_token = self.model(tokens, 0, last_only=True)[:, -1].argmax(-1)  # (bs,)
+        generated, times = [next_token], []
+        for pos in range(prompt_len, prompt_len + steps):
+            start = time.perf_counter()
+            next_token = self.model(next_token[:, None], pos, last_only=True)[:, -1].argmax(-1)
+            times.append(time.perf_counter() - start)
+            generated.append(next_token)
+        self.model.clear_cache()
+        return {"seconds": sum(times), "step_ms": 1e3 * statistics.median(times),
+                "tokens": torch.stack(generated, 1)[0].tolist()}
+
+    @torch.inference_mode()
+    def prefill(self, length: int) -> dict:
+        tokens = prompt(1, length, self.vocab)
+        self.model.setup_cache(1, length)
+        start = time.perf_counter()
+        self.model(tokens, 0, last_only=True)
+        seconds = time.perf_counter() - start
+        self.model.clear_cache()
+        return {"seconds": seconds}
+
+    def ttft(self, length: int) -> dict:
+        tokens = prompt(1, length, self.vocab).tolist()
+        start = time.perf_counter()
+        for step in self.llama.stream(tokens, 1, temperature=0, stop_tokens=[]):
+            if step.generated[0]:
+                break
+        return {"seconds": time.perf_counter() - start}
+
+    def generate(self, batch: int, prompt_len: int, steps: int) -> dict:
+        tokens = prompt(batch, prompt_len, self.vocab).tolist()
+        start = time.perf_counter()
+        out, _ = self.llama.generate(tokens, steps, temperature=0, stop_tokens=[])
+        return {"seconds": time.perf_counter() - start, "tokens": out[0]}
+
+
+class HFEngine:
+    def __init__(self, folder: Path, dtype: str):
+        import transformers
+        from transformers import DynamicCache, LlamaForCausalLM
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.DynamicCache = DynamicCache
+        self.baseline = take_baseline_rss()
+        self.model = LlamaForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).eval()  # default: sdpa
+        self.vocab = self.model.config.vocab_size
+
+    def weight_bytes(self) -> int:
+        """As Llama31Engine.weight_bytes: parameters() yields tied weights once; an untied embedding is not read."""
+        tied = self.model.config.tie_word_embeddings
+        return sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
+                   if tied or "embed_tokens" not in name)
+
+    @torch.inference_mode()
+    def decode(self, batch: int, prompt_len: int, steps: int) -> dict:
+        tokens = prompt(batch, prompt_len, self.vocab)
+        cache = self.DynamicCache(config=self.model.config)
+        next_token = self.model(tokens, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        generated, times = [next_token], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = self.model(next_token[:, None], cache=cache, use_cache=True, logits_to_keep=1).logits
+            next_token = logits[:, -1].argmax(-1)
+            times.append(time.perf_counter() - start)
+            generated.append(next_token)
+        return {"seconds": sum(times), "step_ms": 1e3 * statistics.median(times),
+                "tokens": torch.stack(generated, 1)[0].tolist()}
+
+    @torch.inference_mode()
+    def prefill(self, length: int) -> dict:
+        tokens = prompt(1, length, self.vocab)
+        cache = self.DynamicCache(config=self.model.config)
+        start = time.perf_counter()
+        self.model(tokens, cache=cache, use_cache=True, logits_to_keep=1)
+        return {"seconds": time.perf_counter() - start}
+
+    def _generate(self, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+        # eos_token_id=None: no stop token can end generation early (llama31 runs with stop_tokens=[])
+        return self.model.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False,
+                                   max_new_tokens=steps, eos_token_id=None, pad_token_id=0)
+
+    def ttft(self, length: int) -> dict:
+        tokens = prompt(1, length, self.vocab)
+        start = time.perf_counter()
+        self._generate(tokens, 1)
+        return {"seconds": time.perf_counter() - start}
+
+    def generate(self, batch: int, prompt_len: int, steps: int) -> dict:
+        tokens = prompt(batch, prompt_len, self.vocab)
+        start = time.perf_counter()
+        out = self._generate(tokens, steps)
+        return {"seconds": time.perf_counter() - start, "tokens": out[0, prompt_len:].tolist()}
+
+
+def int4_group_size(args: ModelArgs) -> int:
+    """128 (the common default) unless the model's widths need a smaller group (the tiny preset)."""
+    widths = (args.dim, args.hidden_dim, args.n_heads * args.head_dim)
+    return next(g for g in (128, 64, 32) if all(w % g == 0 for w in widths))
+
+
+def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
+    """A worker process: load one engine x dtype, then run the measurements the parent sends, one at a time."""
+    torch.set_num_threads(threads)
+    try:
+        runner = (Llama31Engine if engine == "llama31" else HFEngine)(Path(folder), dtype)
+        gc.collect()
+        conn.send({"baseline_rss": runner.baseline, "loaded_rss": rss(), "load_peak_rss": peak_rss(),
+                   "weight_bytes": runner.weight_bytes()})
+        while True:
+            op, kwargs = conn.recv()
+            if op == "quit":
+                return
+            reset_peak_rss()
+            result = getattr(runner, op)(**kwargs)
+            result["peak_rss"] = peak_rss()
+            conn.send(result)
+    except Exception as e:  # report it to the parent instead of dying silently
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+class Worker:
+    def __init__(self, engine: str, dtype: str, folder: Path, threads: int):
+        self.engine, self.dtype, self.name = engine, dtype, f"{engine} {dtype}"
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or threads inherited from the parent
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=worker, args=(child, engine, dtype, str(folder), threads), daemon=True)
+        self.process.start()
+        self.info = self._receive()
+
+    def _receive(self) -> dict:
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"worker {self.name} died (exit code {self.process.exitcode}; -9 usually means it "
+                               "ran out of memory: try fewer --dtypes or a smaller --preset)") from None
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.name}: {reply['error']}")
+        return reply
+
+    def run(self, op: str, **kwargs) -> dict:
+        self.conn.send((op, kwargs))
+        return self._receive()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(("quit", {}))
+            self.process.join(30)
+
+
+# ====================================================================== bandwidth
+def measure_bandwidth(repeats: int = 5) -> dict:
+    """GB/s of an fp32 matrix-vector product over a 256 MiB matrix (read-only streaming, like decoding) and of
+    a 256 MiB copy (read + write). The best of `repeats`: the least disturbed by other processes."""
+    n = 8192
+    w, x = torch.ones(n, n), torch.ones(n)
+    a, b = torch.ones(n * n), torch.empty(n * n)
+    mv, copy = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        torch.mv(w, x)
+        mv.append(w.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        start = time.perf_counter()
+        b.copy_(a)
+        copy.append(2 * a.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return {"mv_fp32_GBps": max(mv[1:]), "copy_GBps": max(copy[1:])}
+
+
+# ====================================================================== the benchmark
+def kv_bytes_per_step(args: ModelArgs, dtype: str, batch: int, context: float) -> float:
+    """Bytes of K and V read by one decode step at `context` cached positions."""
+    element = 4 if dtype == "fp32" else 2  # INT4 keeps a bf16 cache
+    return batch * args.n_layers * 2 * args.n_kv_heads * args.head_dim * context * element
+
+
+def run_benchmark(opts) -> dict:
+    args = PRESETS[opts.preset]
+    folder = model_folder(opts.preset, Path(opts.cache_dir).expanduser())
+    torch.set_num_threads(opts.threads)
+
+    configs = [(e, d) for d in opts.dtypes if d in DTYPES for e in opts.engines]
+    int4 = "int4" in opts.dtypes and "llama31" in opts.engines
+    if int4:
+        try:
+            from llama31.quant import quantize_model  # noqa: F401  (built by the INT4 work; may not exist yet)
+        except ImportError:
+            print("INT4 skipped: llama31.quant is not available in this checkout", file=sys.stderr)
+            int4 = False
+    if int4 and not any(d in DTYPES for d in opts.dtypes):
+        configs_rounds = [[]]
+    else:
+        configs_rounds = [[c for c in configs if c[1] == d] for d in opts.dtypes if d in DTYPES]
+
+    ops = [(f"decode_b{b}", "decode", dict(batch=b, prompt_len=opts.decode_prompt, steps=opts.decode_tokens))
+           for b in opts.batch_sizes]
+    ops += [(f"prefill_{n}", "prefill", dict(length=n)) for n in opts.prefill_lens]
+    ops += [(f"ttft_{opts.prefill_lens[0]}", "ttft", dict(length=opts.prefill_lens[0])),
+            ("generate_b1", "generate", dict(batch=1, prompt_len=opts.decode_prompt, steps=opts.decode_tokens))]
+
+    results: dict[str, dict] = {}  # config name -> {"memory": ..., "runs": {op: [per-rep raw results]}}
+    bandwidth = []
+    int4_worker = Worker("llama31", "int4", folder, opts.threads) if int4 else None
+    try:
+        for round_configs in configs_rounds:
+            workers = [Worker(e, d, folder, opts.threads) for e, d in round_configs]
+            if int4_worker:
+                workers.append(int4_worker)
+            try:
+                for w in workers:  # warm-up, not recorded: first calls pay one-time kernel and allocator set-up
+                    w.run("decode", batch=max(opts.batch_sizes), prompt_len=opts.decode_prompt, steps=2)
+                    w.run("prefill", length=min(opts.prefill_lens))
+                for w in workers:
+                    results.setdefault(w.name, {"memory": w.info, "runs": {}, "rounds": []})
+                    results[w.name]["rounds"].append(round_configs[0][1] if round_configs else "int4")
+                for rep in range(opts.reps):
+                    bandwidth.append(measure_bandwidth())
+                    for key, op, kwargs in ops:
+                        order = workers[rep % len(workers):] + workers[:rep % len(workers)]  # rotate who goes first
+                        for w in order:
+                            r = w.run(op, **kwargs)
+                            r["round"] = round_configs[0][1] if round_configs else "int4"
+                            r["rep"] = rep
+                            results[w.name]["runs"].setdefault(key, []).append(r)
+                        print(f"  rep {rep + 1}/{opts.reps} {key}: " + ", ".join(
+                            f"{w.name} {results[w.name]['runs'][key][-1]['seconds']:.3f}s" for w in workers),
+                              file=sys.stderr, flush=True)
+            finally:
+                for w in workers:
+                    if w is not int4_worker:
+                        w.close()
+    finally:
+        if int4_worker:
+            int4_worker.close()
+
+    report = summarise(opts, args, results, bandwidth, ops)
+    report["model_folder"] = str(folder)
+    return report
+
+
+def tokens_per_second(key: str, r: dict, opts) -> float:
+    kind = key.split("_")[0]
+    if kind in ("decode", "generate"):
+        batch = int(key.split("_b")[1])
+        return batch * opts.decode_tokens / r["seconds"]
+    if kind == "prefill":
+        return int(key.split("_")[1]) / r["seconds"]
+    return r["seconds"]  # TTFT stays in seconds
+
+
+def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) -> dict:
+    bw = {k: statistics.median(b[k] for b in bandwidth) for k in bandwidth[0]}
+    summary: dict = {"configs": {}, "ratios": {}, "greedy_agreement": {}}
+    for name, res in results.items():
+        dtype = name.split()[1]
+        mem = res["memory"]
+        peaks = [r["peak_rss"] for runs in res["runs"].values() for r in runs]
+        entry = {"weight_bytes_read_per_step": mem["weight_bytes"],
+                 "rss_weights_MiB": (mem["loaded_rss"] - mem["baseline_rss"]) / 2**20,
+                 "rss_peak_load_MiB": (mem["load_peak_rss"] - mem["baseline_rss"]) / 2**20,
+                 "rss_peak_run_MiB": (max(peaks) - mem["baseline_rss"]) / 2**20, "ops": {}}
+        for key, *_ in ops:
+            values = [tokens_per_second(key, r, opts) for r in res["runs"][key]]
+            op = {"median": statistics.median(values), "values": values,
+                  "unit": "s" if key.startswith("ttft") else "tok/s"}
+            if key.startswith("decode"):
+                batch = int(key.split("_b")[1])
+                step_bytes = mem["weight_bytes"] + kv_bytes_per_step(args, dtype, batch,
+                                                                     opts.decode_prompt + opts.decode_tokens / 2)
+                op["roofline_tok_s"] = batch * bw["mv_fp32_GBps"] * 1e9 / step_bytes
+                op["fraction_of_roofline"] = op["median"] / op["roofline_tok_s"]
+                op["step_ms"] = statistics.median(r["step_ms"] for r in res["runs"][key])
+            entry["ops"][key] = op
+        summary["configs"][name] = entry
+
+    def paired(a: str, b: str, key: str) -> float | None:
+        """Median over repetitions of a/b (both measured in the same round, one right after the other)."""
+        if a not in results or b not in results:
+            return None
+        by_rep = {(r["round"], r["rep"]): tokens_per_second(key, r, opts) for r in results[b]["runs"][key]}
+        ratios = [tokens_per_second(key, r, opts) / by_rep[(r["round"], r["rep"])]
+                  for r in results[a]["runs"][key] if (r["round"], r["rep"]) in by_rep]
+        return statistics.median(ratios) if ratios else None
+
+    pairs = [(f"llama31 {d}", f"hf {d}") for d in ("fp32", "bf16")]
+    pairs += [("llama31 int4", f"hf {d}") for d in ("fp32", "bf16")]
+    for a, b in pairs:
+        ratios = {key: paired(a, b, key) for key, *_ in ops}
+        if any(v is not None for v in ratios.values()):
+            summary["ratios"][f"{a} / {b}"] = ratios
+    for d in ("fp32", "bf16"):
+        ours, theirs = results.get(f"llama31 {d}"), results.get(f"hf {d}")
+        if ours and theirs:
+            for key in [k for k, *_ in ops if k.startswith("decode")] + ["generate_b1"]:
+                a, b = ours["runs"][key][0]["tokens"], theirs["runs"][key][0]["tokens"]
+                same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                summary["greedy_agreement"][f"{d} {key}"] = f"{same}/{len(a)} tokens equal before the first difference"
+    summary["bandwidth"] = bw
+    summary["machine"] = {"threads": opts.threads, "torch": torch.__version__, "python": platform.python_version(),
+                          "cpu": _cpu_name(), "cores_visible": os.cpu_count()}
+    try:
+        import transformers
+
+        summary["machine"]["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    summary["model"] = {"preset": opts.preset, "parameters": _n_params(args), **{
+        k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")}}
+    summary["settings"] = {k: getattr(opts, k) for k in ("reps", "decode_tokens", "decode_prompt", "prefill_lens",
+                                                         "batch_sizes", "dtypes", "engines")}
+    return summary
+
+
+def _n_params(args: ModelArgs) -> int:
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * args.dim * args.hidden_dim
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return args.n_layers * (attn + ffn + 2 * args.dim) + embeddings + args.dim
+
+
+def _size(parameters: int) -> str:
+    return f"{parameters / 1e9:.3f} B" if parameters >= 1e9 else f"{parameters / 1e6:.2f} M"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ====================================================================== output
+def format_table(report: dict) -> str:
+    """Two tables (speed; roofline and memory), the paired ratios and the greedy-token agreement."""
+    configs = report["configs"]
+    keys = list(next(iter(configs.values()))["ops"])
+    m, bw = report["model"], report["bandwidth"]
+    lines = [f"{m['preset']}: {_size(m['parameters'])} parameters, {report['machine']['threads']} thread(s), "
+             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth {bw['mv_fp32_GBps']:.1f} GB/s "
+             f"(fp32 mv), {bw['copy_GBps']:.1f} GB/s (copy)"]
+
+    def table(heads: list[str], rows: dict[str, list[str]]) -> None:
+        widths = [max(len(h), *(len(r[i]) for r in rows.values())) + 2 for i, h in enumerate(heads)]
+        first = max(len(name) for name in rows)
+        lines.append("")
+        lines.append(f"{'':{first}}" + "".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
+        lines.extend(f"{name:{first}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+                     for name, cells in rows.items())
+
+    def label(key: str) -> str:
+        kind, arg = key.split("_")
+        return {"decode": f"decode {arg}", "prefill": f"prefill {arg}", "ttft": f"TTFT {arg} (s)",
+                "generate": f"generate {arg}"}[kind]
+
+    table([label(k) for k in keys], {name: [f"{c['ops'][k]['median']:.3f}" if k.startswith("ttft")
+                                           else f"{c['ops'][k]['median']:.2f}" for k in keys]
+                                     for name, c in configs.items()})
+    lines[-len(configs) - 1] += "   (tok/s unless marked)"
+    roof = [k for k in keys if k.startswith("decode")]
+    heads = [h for k in roof for h in (f"{k[7:]} roofline", f"{k[7:]} %roof")]
+    heads += ["ms/step " + k[7:] for k in roof] + ["weights MB read/step", "RSS MiB", "peak MiB"]
+    rows = {}
+    for name, c in configs.items():
+        cells = [x for k in roof for x in (f"{c['ops'][k]['roofline_tok_s']:.2f}",
+                                           f"{100 * c['ops'][k]['fraction_of_roofline']:.0f}%")]
+        cells += [f"{c['ops'][k]['step_ms']:.1f}" for k in roof]
+        mb = c["weight_bytes_read_per_step"] / 1e6
+        cells += [f"{mb:.0f}" if mb >= 10 else f"{mb:.2f}", f"{c['rss_weights_MiB']:.0f}",
+                  f"{c['rss_peak_run_MiB']:.0f}"]
+        rows[name] = cells
+    table(heads, rows)
+    if report["ratios"]:
+        lines.append("")
+        lines.append("paired ratios A/B, the median over reps of the ratio of two back-to-back measurements "
+                     "(tok/s: > 1 means A is faster; TTFT: < 1 means A is faster)")
+        table([label(k) for k in keys], {pair.replace(" / ", "/"): ["-" if v is None else f"{v:.2f}"
+                                                                    for v in ratios.values()]
+                                         for pair, ratios in report["ratios"].items()})
+    lines.append("")
+    for what, agreement in report["greedy_agreement"].items():
+        lines.append(f"greedy tokens, llama31 vs hf, {what}: {agreement}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> bool:
+    """Bars of tok/s per configuration, with each decode roofline drawn in. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    configs = report["configs"]
+    keys = [k for k in next(iter(configs.values()))["ops"] if not k.startswith("ttft")]
+    groups = [[k for k in keys if not k.startswith("prefill")], [k for k in keys if k.startswith("prefill")]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [len(g) or 1 for g in groups]})
+    bar = 0.8 / len(configs)
+    for ax, group, title in zip(axes, groups, ("decoding (KV cache) and generate, end to end", "prefill")):
+        for i, (name, c) in enumerate(configs.items()):
+            xs = [j + i * bar for j in range(len(group))]
+            bars = ax.bar(xs, [c["ops"][k]["median"] for k in group], bar, label=name)
+            for x, k in zip(xs, group):
+                if "roofline_tok_s" in c["ops"][k]:
+                    ax.hlines(c["ops"][k]["roofline_tok_s"], x - bar / 2, x + bar / 2, colors=bars[0].get_facecolor(),
+                              linestyles="dashed")
+        ax.set_xticks([j + bar * (len(configs) - 1) / 2 for j in range(len(group))], [k.replace("_", " ") for k in group])
+        ax.set_ylabel("tokens / s")
+        ax.set_title(title)
+    axes[0].set_yscale("log")  # rooflines can be far above the bars
+    axes[0].legend(title="dashed: decode roofline (bandwidth / bytes per step)", fontsize=8)
+    m = report["model"]
+    fig.suptitle(f"llama31 vs HF transformers: {m['preset']} ({_size(m['parameters'])} parameters), "
+                 f"{report['machine']['threads']} thread(s), {report['bandwidth']['mv_fp32_GBps']:.1f} GB/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    names = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llama31-benchmark"
+    parser.add_argument("--preset", default="llama3.2-1b", choices=sorted(PRESETS),
+                        help="model shape (default llama3.2-1b: 1.24 B parameters; tiny: seconds)")
+    parser.add_argument("--dtypes", type=names, default=["fp32", "bf16", "int4"],
+                        help="comma-separated, of fp32, bf16, int4 (int4: llama31 only, skipped without "
+                             "llama31.quant; default all three)")
+    parser.add_argument("--engines", type=names, default=list(ENGINES), help="comma-separated: llama31, hf")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch threads in every engine (default {torch.get_num_threads()})")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    parser.add_argument("--decode-prompt", type=int, default=32, help="prompt length before decoding (default 32)")
+    parser.add_argument("--prefill-lens", type=ints, default=[128, 1024], help="prompt lengths (default 128,1024); "
+                                                                               "TTFT uses the first")
+    parser.add_argument("--batch-sizes", type=ints, default=[1, 4], help="decode batch sizes (default 1,4)")
+    parser.add_argument("--cache-dir", default=str(default_cache), help=f"where the random model is saved once "
+                                                                        f"(default {default_cache})")
+    parser.add_argument("--out-json", help="results file (default: <cache-dir>/results-<preset>.json)")
+    parser.add_argument("--plot", help="PNG path (default: the JSON path with .png; '' for none); needs matplotlib")
+    opts = parser.parse_args(argv)
+    for d in opts.dtypes:
+        if d not in (*DTYPES, "int4"):
+            parser.error(f"--dtypes: unknown dtype {d!r}; choose from fp32, bf16, int4")
+    for e in opts.engines:
+        if e not in ENGINES:
+            parser.error(f"--engines: unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    if not opts.engines or not opts.dtypes or not opts.prefill_lens or not opts.batch_sizes:
+        parser.error("--engines, --dtypes, --prefill-lens and --batch-sizes need at least one value each")
+    if min(opts.threads, opts.reps, opts.decode_tokens, opts.decode_prompt, *opts.prefill_lens,
+           *opts.batch_sizes) < 1:
+        parser.error("--threads, --reps, --decode-tokens, --decode-prompt, --prefill-lens and --batch-sizes must be "
+                     "positive")
+    longest = max(max(opts.prefill_lens), opts.decode_prompt + opts.decode_tokens)
+    if longest > PRESETS[opts.preset].max_seq_len:
+        parser.error(f"{longest} positions exceed the {opts.preset} preset's context of "
+                     f"{PRESETS[opts.preset].max_seq_len}")
+    opts.out_json = opts.out_json or str(Path(opts.cache_dir).expanduser() / f"results-{opts.preset}.json")
+    if opts.plot is None:
+        opts.plot = str(Path(opts.out_json).with_suffix(".png"))
+    return opts
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    report = run_benchmark(opts)
+    print(format_table(report))
+    out = Path(opts.out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"results: {out}")
+    if opts.plot:
+        if plot(report, Path(opts.plot)):
+            print(f"plot: {opts.plot}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
