@@ -602,11 +602,13 @@ def plot(report: dict, path: Path) -> bool:
         ax.set_ylabel("tokens / s")
         ax.set_title(title)
     axes[0].set_yscale("log")  # rooflines can be far above the bars
-    axes[0].legend(title="dashed: decode roofline (bandwidth / bytes per step)", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(configs), fontsize=9,
+               title="dashed lines: each decode roofline (bandwidth / bytes read per step)")
     m = report["model"]
     fig.suptitle(f"llama31 vs HF transformers: {m['preset']} ({_size(m['parameters'])} parameters), "
                  f"{report['machine']['threads']} thread(s), {report['bandwidth']['mv_fp32_GBps']:.1f} GB/s")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     return True
 
