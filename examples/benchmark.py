@@ -103,8 +103,23 @@ def model_folder(preset: str, cache_dir: Path) -> Path:
 
 
 # ====================================================================== memory of this process
+def _proc_status_bytes(field: str) -> int | None:
+    """A "VmRSS:"-style line of /proc/self/status in bytes (Linux), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss() -> int:
-    import psutil
+    """This process's resident set size in bytes (no psutil needed on Linux)."""
+    current = _proc_status_bytes("VmRSS")
+    if current is not None:
+        return current
+    import psutil  # other systems
 
     return psutil.Process().memory_info().rss
 
@@ -131,15 +146,14 @@ def take_baseline_rss() -> int:
 
 
 def peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource  # not resettable: the peak since the process started
+    """The highest RSS since the last reset_peak_rss (elsewhere than Linux: since the process started)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # ====================================================================== the engines, inside a worker process

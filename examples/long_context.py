@@ -94,6 +94,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure(opts.child, opts.chunk, DTYPES[opts.dtype])))
         return 0
 
+    if not Path("/proc/self/clear_refs").exists():
+        parser.error("the peak-memory measurement needs Linux (/proc/self/status and /proc/self/clear_refs)")
     lengths = [int(x) for x in opts.lengths.split(",") if x]
     if not lengths or min(lengths) < 1 or max(lengths) > ARGS.max_seq_len or opts.chunk < 1:
         parser.error(f"--lengths must be in 1..{ARGS.max_seq_len} and --chunk positive")
