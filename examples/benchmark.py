@@ -11,9 +11,10 @@ What it does
     attention), in the same dtype. INT4 (llama31 only, if llama31.quant exists) is the bf16 model quantized
     round-to-nearest with group size 128 and bf16 activations.
   * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
-    its own: "weights" is the worker's RSS after loading minus its RSS before (imports and tokenizer already
-    paid), "peak" the highest RSS during any measurement minus that same baseline (the kernel's peak-RSS
-    counter is reset before each measurement). The workers of one dtype are alive together and are driven
+    its own: "RSS" is the worker's RSS after loading and one warm-up run (weights read from a safetensors file
+    of the same dtype are mmapped and count only once touched) minus its RSS before loading (imports and
+    tokenizer already paid), "peak" the highest RSS during any measurement minus that same baseline (the
+    kernel's peak-RSS counter is reset before each measurement), with the measurement that reached it. The workers of one dtype are alive together and are driven
     ALTERNATELY, one measurement at a time, in an order that rotates every repetition, so that a noisy
     neighbour slows both sides alike; figures are medians over --reps, ratios are medians of per-repetition
     ratios (paired). The INT4 worker takes part in every dtype's round, so it is compared with HF fp32 and bf16.
@@ -102,8 +103,23 @@ def model_folder(preset: str, cache_dir: Path) -> Path:
 
 
 # ====================================================================== memory of this process
+def _proc_status_bytes(field: str) -> int | None:
+    """A "VmRSS:"-style line of /proc/self/status in bytes (Linux), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss() -> int:
-    import psutil
+    """This process's resident set size in bytes (no psutil needed on Linux)."""
+    current = _proc_status_bytes("VmRSS")
+    if current is not None:
+        return current
+    import psutil  # other systems
 
     return psutil.Process().memory_info().rss
 
@@ -130,15 +146,14 @@ def take_baseline_rss() -> int:
 
 
 def peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource  # not resettable: the peak since the process started
+    """The highest RSS since the last reset_peak_rss (elsewhere than Linux: since the process started)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # ====================================================================== the engines, inside a worker process
@@ -293,6 +308,9 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
             op, kwargs = conn.recv()
             if op == "quit":
                 return
+            if op == "rss":
+                conn.send({"rss": rss()})
+                continue
             reset_peak_rss()
             result = getattr(runner, op)(**kwargs)
             result["peak_rss"] = peak_rss()
@@ -392,6 +410,9 @@ def run_benchmark(opts) -> dict:
                 for w in workers:  # warm-up, not recorded: first calls pay one-time kernel and allocator set-up
                     w.run("decode", batch=max(opts.batch_sizes), prompt_len=opts.decode_prompt, steps=2)
                     w.run("prefill", length=min(opts.prefill_lens))
+                    # weights read from a safetensors file of the same dtype stay file-backed (mmap) and count in
+                    # RSS only once touched: the steady state is after the warm-up, not right after loading
+                    w.info.setdefault("steady_rss", w.run("rss")["rss"])
                 for w in workers:
                     results.setdefault(w.name, {"memory": w.info, "runs": {}, "rounds": []})
                     results[w.name]["rounds"].append(round_configs[0][1] if round_configs else "int4")
@@ -436,11 +457,13 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
     for name, res in results.items():
         dtype = name.split()[1]
         mem = res["memory"]
-        peaks = [r["peak_rss"] for runs in res["runs"].values() for r in runs]
+        peak_rss, peak_op = max((r["peak_rss"], key) for key, runs in res["runs"].items() for r in runs)
         entry = {"weight_bytes_read_per_step": mem["weight_bytes"],
-                 "rss_weights_MiB": (mem["loaded_rss"] - mem["baseline_rss"]) / 2**20,
+                 "rss_after_load_MiB": (mem["loaded_rss"] - mem["baseline_rss"]) / 2**20,
+                 "rss_steady_MiB": (mem["steady_rss"] - mem["baseline_rss"]) / 2**20,
                  "rss_peak_load_MiB": (mem["load_peak_rss"] - mem["baseline_rss"]) / 2**20,
-                 "rss_peak_run_MiB": (max(peaks) - mem["baseline_rss"]) / 2**20, "ops": {}}
+                 "rss_peak_run_MiB": (peak_rss - mem["baseline_rss"]) / 2**20, "rss_peak_during": peak_op,
+                 "ops": {}}
         for key, *_ in ops:
             values = [tokens_per_second(key, r, opts) for r in res["runs"][key]]
             op = {"median": statistics.median(values), "values": values,
@@ -543,15 +566,15 @@ def format_table(report: dict) -> str:
     lines[-len(configs) - 1] += "   (tok/s unless marked)"
     roof = [k for k in keys if k.startswith("decode")]
     heads = [h for k in roof for h in (f"{k[7:]} roofline", f"{k[7:]} %roof")]
-    heads += ["ms/step " + k[7:] for k in roof] + ["weights MB read/step", "RSS MiB", "peak MiB"]
+    heads += ["ms/step " + k[7:] for k in roof] + ["weights MB read/step", "RSS MiB", "peak MiB", "peak during"]
     rows = {}
     for name, c in configs.items():
         cells = [x for k in roof for x in (f"{c['ops'][k]['roofline_tok_s']:.2f}",
                                            f"{100 * c['ops'][k]['fraction_of_roofline']:.0f}%")]
         cells += [f"{c['ops'][k]['step_ms']:.1f}" for k in roof]
         mb = c["weight_bytes_read_per_step"] / 1e6
-        cells += [f"{mb:.0f}" if mb >= 10 else f"{mb:.2f}", f"{c['rss_weights_MiB']:.0f}",
-                  f"{c['rss_peak_run_MiB']:.0f}"]
+        cells += [f"{mb:.0f}" if mb >= 10 else f"{mb:.2f}", f"{c['rss_steady_MiB']:.0f}",
+                  f"{c['rss_peak_run_MiB']:.0f}", c["rss_peak_during"]]
         rows[name] = cells
     table(heads, rows)
     if report["ratios"]:
@@ -593,11 +616,13 @@ def plot(report: dict, path: Path) -> bool:
         ax.set_ylabel("tokens / s")
         ax.set_title(title)
     axes[0].set_yscale("log")  # rooflines can be far above the bars
-    axes[0].legend(title="dashed: decode roofline (bandwidth / bytes per step)", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(configs), fontsize=9,
+               title="dashed lines: each decode roofline (bandwidth / bytes read per step)")
     m = report["model"]
     fig.suptitle(f"llama31 vs HF transformers: {m['preset']} ({_size(m['parameters'])} parameters), "
                  f"{report['machine']['threads']} thread(s), {report['bandwidth']['mv_fp32_GBps']:.1f} GB/s")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     return True
 

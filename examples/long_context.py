@@ -10,8 +10,9 @@ context. Each prompt is prefilled through the KV cache ``--chunk`` positions at 
 single T x T float32 score matrix per head would be 64 GiB).
 
 Each length runs in a fresh subprocess, so that its peak RSS is its own. Reported per length: prefill time,
-the time of one decode step right after (it attends to all T cached positions), and the peak RSS above the
-process's RSS once the model is built, next to what should dominate it:
+the time of one decode step right after (it attends to all T cached positions; none after a full 131072-token
+context, which leaves no position free), and the peak RSS above the process's RSS once the model is built,
+next to what should dominate it:
     KV cache        n_layers x 2 (k, v) x n_kv_heads x head_dim x T x bytes per element
     attention       the float32 scores of one chunk: n_heads x chunk x T x 4 bytes, and a second buffer of
                     that size while the mask or softmax writes its output (so 2 x)
@@ -48,7 +49,7 @@ def score_bytes(length: int, chunk: int) -> int:
 
 
 def measure(length: int, chunk: int, dtype: torch.dtype) -> dict:
-    """Run in a fresh process: build the model, prefill `length` random tokens, decode one more."""
+    """Run in a fresh process: build the model, prefill `length` random tokens, decode one more if there is room."""
     from llama31.generation import prefill
     from llama31.model import Transformer
 
@@ -64,14 +65,16 @@ def measure(length: int, chunk: int, dtype: torch.dtype) -> dict:
     baseline = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     with torch.inference_mode():
-        model.setup_cache(1, length + 1)
+        model.setup_cache(1, min(length + 1, ARGS.max_seq_len))
         start = time.perf_counter()
         logits = prefill(model, tokens, 0, chunk)  # (1, vocab)
         prefill_s = time.perf_counter() - start
-        start = time.perf_counter()
-        model(logits.argmax(-1, keepdim=True), length)
-        decode_s = time.perf_counter() - start
-    return {"length": length, "chunk": chunk, "prefill_s": prefill_s, "decode_ms": 1e3 * decode_s,
+        decode_ms = None
+        if length < ARGS.max_seq_len:  # a full 131072-token context leaves no position to decode into
+            start = time.perf_counter()
+            model(logits.argmax(-1, keepdim=True), length)
+            decode_ms = 1e3 * (time.perf_counter() - start)
+    return {"length": length, "chunk": chunk, "prefill_s": prefill_s, "decode_ms": decode_ms,
             "peak_rss_above_model_bytes": (status_kib("VmHWM") - baseline) * 1024,
             "kv_cache_bytes": kv_cache_bytes(length, dtype), "score_bytes": score_bytes(length, chunk)}
 
@@ -91,10 +94,11 @@ def main(argv=None) -> int:
         print(json.dumps(measure(opts.child, opts.chunk, DTYPES[opts.dtype])))
         return 0
 
+    if not Path("/proc/self/clear_refs").exists():
+        parser.error("the peak-memory measurement needs Linux (/proc/self/status and /proc/self/clear_refs)")
     lengths = [int(x) for x in opts.lengths.split(",") if x]
-    if not lengths or min(lengths) < 1 or max(lengths) >= ARGS.max_seq_len + 1 or opts.chunk < 1:
-        parser.error(f"--lengths must be in 1..{ARGS.max_seq_len - 1} (one position is left to decode) and "
-                     "--chunk positive")
+    if not lengths or min(lengths) < 1 or max(lengths) > ARGS.max_seq_len or opts.chunk < 1:
+        parser.error(f"--lengths must be in 1..{ARGS.max_seq_len} and --chunk positive")
     print(f"model: dim {ARGS.dim}, {ARGS.n_layers} layers, {ARGS.n_heads} heads / {ARGS.n_kv_heads} kv head, "
           f"head_dim {ARGS.head_dim}, context {ARGS.max_seq_len}, llama3 RoPE {ARGS.rope_scaling}; {opts.dtype}, "
           f"chunk {opts.chunk}, {opts.threads} threads")
@@ -116,7 +120,8 @@ def main(argv=None) -> int:
         peak, kv, scores = (row[k] / 2**20 for k in ("peak_rss_above_model_bytes", "kv_cache_bytes", "score_bytes"))
         slope = "" if previous is None else \
             f"{(peak - previous[1]) / ((length - previous[0]) / 1024):.2f}"
-        print(f"{length:>8} {row['prefill_s']:>10.1f} {length / row['prefill_s']:>8.0f} {row['decode_ms']:>10.1f} "
+        decode = "-" if row["decode_ms"] is None else f"{row['decode_ms']:.1f}"
+        print(f"{length:>8} {row['prefill_s']:>10.1f} {length / row['prefill_s']:>8.0f} {decode:>10} "
               f"{peak:>9.0f} {kv:>8.0f} {scores:>11.0f} {kv + scores:>10.0f} {slope:>11}", flush=True)
         previous = (length, peak)
     kv_per_1k = kv_cache_bytes(1024, DTYPES[opts.dtype]) / 2**20

@@ -58,9 +58,10 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk:
     """Run tokens (bs, n) at positions start_pos .. start_pos + n - 1 through the model's KV cache, at most
     ``chunk`` positions per forward (None: all n at once). Returns the last position's logits (bs, vocab).
 
-    Chunking changes no result: each chunk's queries see the cached keys of every earlier chunk, exactly as
-    they would in one forward. It bounds the attention scores of one forward to chunk x T instead of n x T,
-    which is what makes a 128K-token prompt fit in memory.
+    Chunking computes the same function: each chunk's queries see the cached keys of every earlier chunk, as
+    they would in one forward; only float rounding differs (matmuls of other shapes: ~1e-6 in float32). It
+    bounds the attention scores of one forward to chunk x T instead of n x T, which is what makes a
+    128K-token prompt fit in memory.
     """
     n = tokens.shape[1]
     chunk = chunk or n
@@ -129,7 +130,7 @@ class Llama:
         A row stops at its first stop token (default: eot, eom, end_of_text) or after max_gen_len tokens.
         seed or generator: make sampling reproducible (the same seed gives the same tokens).
         prefill_chunk: prefill the prompts at most this many positions per forward (None: all at once), so
-        that attention holds at most prefill_chunk x T scores instead of T x T; the logits are the same.
+        that attention holds at most prefill_chunk x T scores instead of T x T (same logits up to rounding).
         """
         params = self.model.args
         self._check(prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk)
