@@ -12,10 +12,12 @@ single T x T float32 score matrix per head would be 64 GiB).
 Each length runs in a fresh subprocess, so that its peak RSS is its own. Reported per length: prefill time,
 the time of one decode step right after (it attends to all T cached positions; none after a full 131072-token
 context, which leaves no position free), and the peak RSS above the process's RSS once the model is built,
-next to what should dominate it:
+next to what could dominate it:
     KV cache        n_layers x 2 (k, v) x n_kv_heads x head_dim x T x bytes per element
-    attention       the float32 scores of one chunk: n_heads x chunk x T x 4 bytes, and a second buffer of
-                    that size while the mask or softmax writes its output (so 2 x)
+    scores          an upper bound: what a written-out attention would hold for one chunk (n_heads x chunk x T
+                    float32, twice while softmax writes its output). llama31's prefill uses PyTorch's fused
+                    attention kernel, which never materialises them, so the measured peak stays below KV+scores
+                    and is dominated by the KV cache.
 Both grow linearly in T; the MiB-per-1K-tokens column shows the slope between successive lengths.
 """
 
@@ -44,7 +46,7 @@ def kv_cache_bytes(length: int, dtype: torch.dtype) -> int:
 
 
 def score_bytes(length: int, chunk: int) -> int:
-    """Two float32 buffers of one chunk's scores against all `length` keys (see the module docstring)."""
+    """Two float32 buffers of one chunk's scores against all `length` keys: the upper bound of the docstring."""
     return 2 * ARGS.n_heads * min(chunk, length) * length * 4
 
 
