@@ -157,7 +157,7 @@ def torch_int4_pack(tensors, group_size):
     _convert_weight_to_int4pack) and scales_and_zeros [K/g, N, 2], dequant (u - 8) * scale + zero."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm") or "weight_zero_point" in tensors:
         return None
-    n, k = tensors["weight_packed"].shape[0], tensors["weight_packed"].shape[1] * 8
+    k = tensors["weight_packed"].shape[1] * 8
     u = (unpack_int4(tensors["weight_packed"], k).to(torch.int32) + 8)  # (N, K), 0..15
     pairs = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)  # (N, K/2)
     try:

@@ -381,12 +381,6 @@ def run_benchmark(opts) -> dict:
 
     configs = [(e, d) for d in opts.dtypes if d in DTYPES for e in opts.engines]
     int4 = "int4" in opts.dtypes and "llama31" in opts.engines
-    if int4:
-        try:
-            from llama31.quant import quantize_model  # noqa: F401  (built by the INT4 work; may not exist yet)
-        except ImportError:
-            print("INT4 skipped: llama31.quant is not available in this checkout", file=sys.stderr)
-            int4 = False
     if int4 and not any(d in DTYPES for d in opts.dtypes):
         configs_rounds = [[]]
     else:

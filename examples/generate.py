@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-seq-len", type=int, help="longest prompt + reply to support (default: the "
                                                         "model's context)")
     parser.add_argument("--prefill-chunk", type=int, help="prefill the prompt N tokens at a time through the KV "
-                                                          "cache (bounds attention memory on long prompts; "
+                                                          "cache (bounds the memory of one forward on long prompts; "
                                                           "default: the whole prompt at once)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:

@@ -60,8 +60,9 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk:
 
     Chunking computes the same function: each chunk's queries see the cached keys of every earlier chunk, as
     they would in one forward; only float rounding differs (matmuls of other shapes: ~1e-6 in float32). It
-    bounds the attention scores of one forward to chunk x T instead of n x T, which is what makes a
-    128K-token prompt fit in memory.
+    bounds what one forward holds (the FFN's chunk x hidden_dim activations, and attention's chunk x T slice
+    where attention is computed without a fused kernel) instead of n x ..., which is what keeps a 128K-token
+    prompt's memory down to the KV cache.
     """
     n = tokens.shape[1]
     chunk = chunk or n
@@ -129,8 +130,8 @@ class Llama:
 
         A row stops at its first stop token (default: eot, eom, end_of_text) or after max_gen_len tokens.
         seed or generator: make sampling reproducible (the same seed gives the same tokens).
-        prefill_chunk: prefill the prompts at most this many positions per forward (None: all at once), so
-        that attention holds at most prefill_chunk x T scores instead of T x T (same logits up to rounding).
+        prefill_chunk: prefill the prompts at most this many positions per forward (None: all at once), to
+        bound the memory of one forward on long prompts (see prefill; same logits up to rounding).
         """
         params = self.model.args
         self._check(prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk)
@@ -218,14 +219,15 @@ class Llama:
     def _run(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs):
         """[(generated ids without the stop token, their logprobs, stop reason)] per prompt."""
         rows = [([], [], "length") for _ in prompt_tokens]
+        stop_tokens = kwargs.get("stop_tokens")
+        stop_tokens = set(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens)
         for step in self.stream(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
                                 logprobs=logprobs, **kwargs):
             for i, (tokens, lps, reason) in enumerate(rows):
                 if not step.generated[i]:
                     continue
                 token = step.tokens[i]
-                stop_tokens = kwargs.get("stop_tokens")
-                if token in (self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens):
+                if token in stop_tokens:
                     rows[i] = (tokens, lps, self._stop_name(token))
                     continue
                 tokens.append(token)

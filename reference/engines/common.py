@@ -43,6 +43,32 @@ class EngineOutputs:
     rope_inv_freq: np.ndarray | None = None   # (head_dim / 2,)
 
 
+CHUNK = 2048  # prompts longer than this are prefilled in chunks (bounds the (chunk, vocab) logits held at once)
+
+
+def run_prompts(golden: dict, *, prompt_topk, greedy, long_prompt) -> EngineOutputs:
+    """The loop every adapter shares: the golden's prompts, batch group by batch group, through an engine's
+    three functions (its model already bound, e.g. with functools.partial):
+
+        prompt_topk(rows, k)                       -> per row (topk_ids, topk_logprobs, lse, last_logits)
+        greedy(rows, max_new, stop_ids, k)         -> per row (gen_ids, gen_topk_ids, gen_topk_logprobs, gen_lse)
+        long_prompt(ids, k, max_new, stop_ids)     -> both of the above for one prompt longer than CHUNK
+    """
+    settings = golden["settings"]
+    k, max_new, stop_ids = settings["top_k"], settings["max_new_tokens"], settings["stop_ids"]
+    prompts = golden["prompts"]
+    out = EngineOutputs()
+    for group in batches(prompts):
+        rows = [list(prompts[i]["ids"]) for i in group]
+        if len(rows) == 1 and len(rows[0]) > CHUNK:
+            parts, gen = long_prompt(rows[0], k, max_new, stop_ids)
+        else:
+            parts, gen = prompt_topk(rows, k), greedy(rows, max_new, stop_ids, k)
+        for i, (ids, lp, lse, last), (gen_ids, gids, glp, glse) in zip(group, parts, gen):
+            out.results[prompts[i]["name"]] = PromptOutputs(ids, lp, lse, last, gen_ids, gids, glp, glse)
+    return out
+
+
 def batches(prompts: list[dict]) -> list[list[int]]:
     """Indices of the prompts to run together: those sharing a "batch" label form one group (in the order of
     their first appearance); every other prompt runs alone."""

@@ -10,38 +10,27 @@ builds every golden from this function's outputs.
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
 
 from llama31 import Llama, Transformer, __version__
 from llama31.text import Tokenizer
-from reference.engines.common import (EngineOutputs, PromptOutputs, batches, parse_args, parser, read_golden,
+from reference.engines.common import (CHUNK, EngineOutputs, parse_args, parser, read_golden, run_prompts,
                                       write_candidate)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHUNK = 2048  # prefill longer prompts in chunks of this many positions (bounds the (chunk, vocab) logits)
 
 
 @torch.inference_mode()
 def run(model: Transformer, golden: dict, *, summaries: bool = True) -> EngineOutputs:
     """Run `model` on the golden's prompts. golden: the golden's JSON (prompts, settings)."""
-    settings = golden["settings"]
-    k, max_new, stop_ids = settings["top_k"], settings["max_new_tokens"], settings["stop_ids"]
-    prompts = golden["prompts"]
-    out = EngineOutputs()
-    for group in batches(prompts):
-        rows = [list(prompts[i]["ids"]) for i in group]
-        if len(rows) == 1 and len(rows[0]) > CHUNK:
-            prompt_parts, gen = long_prompt(model, rows[0], k, max_new, stop_ids)
-        else:
-            prompt_parts, gen = prompt_topk(model, rows, k), greedy(model, rows, max_new, stop_ids, k)
-        for i, (ids, lp, lse, last), (gen_ids, gids, glp, glse) in zip(group, prompt_parts, gen):
-            out.results[prompts[i]["name"]] = PromptOutputs(ids, lp, lse, last, gen_ids, gids, glp, glse)
+    out = run_prompts(golden, prompt_topk=partial(prompt_topk, model), greedy=partial(greedy, model),
+                      long_prompt=partial(long_prompt, model))
     if summaries:
-        out.layer_names, out.layer_summary = layer_summaries(model, prompts[0]["ids"])
+        out.layer_names, out.layer_summary = layer_summaries(model, golden["prompts"][0]["ids"])
         out.rope_inv_freq = model.rope.inv_freq.numpy()
     return out
 
