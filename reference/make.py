@@ -53,7 +53,8 @@ def make_golden(ckpt_dir, *, prompts_file=None, top_k: int = 20, max_new_tokens:
     torch.set_num_threads(threads)
     try:
         ckpt_dir = Path(ckpt_dir)
-        model = Transformer.from_pretrained(ckpt_dir, dtype=torch.float32, device=device)
+        # plain F.linear weights (pack=False): the golden records the textbook arithmetic, not oneDNN's packed kernels
+        model = Transformer.from_pretrained(ckpt_dir, dtype=torch.float32, device=device, pack=False)
         args = model.args
         tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)
         vocab = VocabMap.from_checkpoint(ckpt_dir, args.vocab_size)

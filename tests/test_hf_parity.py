@@ -33,17 +33,20 @@ def hf_logits(hf, tokens):
         return hf(tokens).logits
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_match_hf_through_the_hf_loader(hf_folder, name):
+def test_logits_match_hf_through_the_hf_loader(hf_folder, name, pack):
+    """Both formulations of the linear layers: oneDNN-packed weights (the CPU default for large layers; forced
+    here on these tiny ones) and plain F.linear."""
     folder, hf = hf_folder(seed=1, **CONFIGS[name])
-    model = Transformer.from_pretrained(folder)
-    assert model.checkpoint_info["format"] == "hf"
+    model = Transformer.from_pretrained(folder, pack=pack)
+    assert model.checkpoint_info["format"] == "hf" and model.output.packed == pack
     tokens = torch.randint(0, hf.config.vocab_size, (3, 130), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(tokens)
     assert ours.dtype == torch.float32 and ours.shape == (3, 130, hf.config.vocab_size)
     err = (ours - hf_logits(hf, tokens)).abs().max().item()
-    print(f"{name}: max abs logit error {err:.2e}")
+    print(f"{name} ({'packed' if pack else 'plain'}): max abs logit error {err:.2e}")
     assert err <= TOL
 
 

@@ -4,6 +4,7 @@ fused path (torch's int4 op) agrees with the reference path."""
 import pytest
 import torch
 
+from llama31.model.linear import Linear
 from llama31.model.layers import Layers
 from llama31.quant import Int4Layers, Int4Linear, quantize_weight
 from llama31.quant import cpu_fused
@@ -106,5 +107,5 @@ def test_int4_layers_build_int4_projections_and_keep_embeddings_and_output():
     assert (column.in_features, column.out_features, column.group_size) == (64, 96, 32)
     assert column.weight_zero_point is not None
     assert type(layers.embedding(100, 64, **kwargs)) is type(Layers().embedding(100, 64, **kwargs))
-    assert type(layers.output(64, 100, **kwargs)) is torch.nn.Linear
+    assert type(layers.output(64, 100, **kwargs)) is Linear
     assert isinstance(Int4Layers(32, quantize_output=True).output(64, 100, **kwargs), Int4Linear)

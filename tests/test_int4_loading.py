@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from int4_oracle import act_order_g_idx, pack_signed, pack_words
+from llama31.model.linear import Linear
 from llama31 import ModelArgs, Transformer
 from llama31.quant import Int4Linear
 
@@ -121,7 +122,7 @@ def test_compressed_tensors_folder_loads_and_matches_hf_with_dequantized_weights
                                                         "actorder": None, "observer": "minmax"}}}}
     _write(tmp_path / "ct", tensors, config)
     model = Transformer.from_pretrained(tmp_path / "ct")
-    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear) and type(model.output) is torch.nn.Linear
+    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear) and type(model.output) is Linear
     _check_logits(model, _hf_reference(tmp_path, floats, layers))
 
 

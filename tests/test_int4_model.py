@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from llama31.model.linear import Linear
 from llama31 import ModelArgs, Transformer
 from llama31.checkpoints import save_hf
 from llama31.quant import Int4Linear, from_compressed_tensors, parse_quantization_config, quantize_model, quantize_weight
@@ -43,7 +44,7 @@ def test_quantize_model_quantizes_the_block_linears_only():
     quantized = quantize_model(model, group_size=32)
     int4 = [name for name, m in quantized.named_modules() if isinstance(m, Int4Linear)]
     assert len(int4) == 7 * ARGS.n_layers and all(".attention.w" in n or ".feed_forward.w" in n for n in int4)
-    assert type(quantized.output) is torch.nn.Linear
+    assert type(quantized.output) is Linear
     assert torch.equal(quantized.tok_embeddings.weight, model.tok_embeddings.weight)
     assert torch.equal(quantized.layers[1].ffn_norm.weight, model.layers[1].ffn_norm.weight)
     # each layer holds exactly the RTN quantization of the float weight

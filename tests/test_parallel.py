@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from conftest import hf_model
+from llama31.model.linear import Linear
 from llama31 import Layers, ModelArgs, Transformer
 from llama31.checkpoints import open_checkpoint, shard_dim
 from llama31.checkpoints.meta import MetaCheckpoint
@@ -230,7 +231,7 @@ def test_one_process_builds_plain_modules_and_no_process_group(monkeypatch):
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=12, hidden_dim=32),
                         layers=layers, device="meta")
     assert layers.model_parallel_size == 1 and parallel.init_model_parallel() == 1
-    assert type(model.layers[0].attention.wq) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
+    assert type(model.layers[0].attention.wq) is Linear and type(model.tok_embeddings) is nn.Embedding
     assert not torch.distributed.is_initialized()
     assert parallel.is_main_process() and parallel.rank() == 0
 

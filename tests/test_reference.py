@@ -65,8 +65,9 @@ def candidate_from(model, golden, label="test"):
     return from_memory(data, tensors, label, golden)
 
 
-def load_model(name, dtype=torch.float32):
-    return Transformer.from_pretrained(CHECKPOINTS / name, dtype=dtype)
+def load_model(name, dtype=torch.float32, pack=False):
+    """pack=False: plain F.linear weights, the arithmetic reference.make records (and weights a test can edit)."""
+    return Transformer.from_pretrained(CHECKPOINTS / name, dtype=dtype, pack=pack)
 
 
 # ---------------------------------------------------------------------------------------------- correct engines
@@ -90,6 +91,17 @@ def test_llama31_passes_fp32_and_every_statistical_tier(name, goldens):
         assert report.passed, report.text
     # single-threaded, the same code and weights: the very same numbers
     assert check(golden, cand, "fp32").figures["max_deviation"] <= FP32_TOL / 10
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_llama31_default_cpu_model_with_packed_weights_passes_fp32(name, goldens):
+    """What users run on a CPU (from_pretrained packs the large linear weights for oneDNN) is another float32
+    kernel: other summation order, not the same bits, but within the fp32 tier."""
+    golden = goldens[name]
+    model = Transformer.from_pretrained(CHECKPOINTS / name, pack=True)  # every layer: these models are tiny
+    assert model.output.packed
+    report = check(golden, candidate_from(model, golden, "packed"), "fp32")
+    assert report.passed, report.text
 
 
 def test_both_adapters_read_a_meta_folder(goldens, tmp_path):

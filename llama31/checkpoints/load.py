@@ -43,13 +43,16 @@ def open_checkpoint(path, *, rank: int = 0, world_size: int = 1) -> HFCheckpoint
 
 
 def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, model_class=None, layers=None,
-                    max_seq_len: int | None = None,
+                    max_seq_len: int | None = None, pack: bool | None = None,
                     progress: Callable[[int, int], None] | None = None):
     """Build a Transformer from a checkpoint folder and load its weights.
 
     dtype: of the weights (None: float32). device: where they go (None: CPU).
     max_seq_len: shorten the model's context (it sizes the RoPE tables; the default is the checkpoint's).
     progress: called as progress(bytes_loaded, bytes_total) after each tensor.
+    pack: store the linear weights in oneDNN's layout for CPU inference (Transformer.pack_weights; 1.3-2x faster
+    decoding). None: the layers that gain from it (CPU, float32 / bfloat16, one process, at least 2^19 weights);
+    False: none; True: every layer that can be packed, and ValueError if none can.
     layers: how projections are built (llama31.model.layers). None: plain, or INT4 for a quantized checkpoint,
     or, when started by torchrun with several processes, llama31.parallel.ParallelLayers (this sets up the
     process group); each process then reads only its slice of every weight.
@@ -59,11 +62,25 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
         layers = parallel.ParallelLayers()
     world_size = layers.model_parallel_size if layers is not None else 1
     if world_size == 1:
-        return _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress)
+        model = _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress)
+        pack_as_asked(model, pack)
+        return model
+    if pack:
+        raise ValueError(f"pack=True: a model split over {world_size} processes (fairscale layers) is not packed; "
+                         "pass pack=None or False")
     # a rank that fails (a broken file) must not leave the others waiting for it: all raise
     with parallel.all_ranks_succeed(f"to load {path}"):
         model = _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress)
     return model
+
+
+def pack_as_asked(model, pack: bool | None) -> None:
+    """The `pack` option of load_pretrained and Llama.build: None packs the layers that gain from it (at least
+    2^19 weights), True every layer that can be packed (ValueError if none can), False none."""
+    if pack is None:
+        model.pack_weights()
+    elif pack:
+        model.pack_weights(min_weights=0, required=True)
 
 
 def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress):

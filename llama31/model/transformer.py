@@ -12,6 +12,9 @@ KV-cache API (for generation):
     model(next_tokens, start_pos=n)                    decode: (bs, 1) tokens at position n see all n cached ones
     model.clear_cache()                                free it; without a cache, model(tokens) is a plain forward
 A row of the batch may be shorter than the cache's batch: row i of tokens uses row i of the cache.
+
+For CPU inference, model.pack_weights() stores the linear weights in oneDNN's layout (faster; same numbers to
+float rounding). Transformer.from_pretrained does it by default when the weights are on the CPU.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from llama31.model.attention import Attention, causal_mask
 from llama31.model.feedforward import FeedForward
 from llama31.model.kv_cache import KVCache
 from llama31.model.layers import Layers
+from llama31.model.linear import Linear, packing_supported
 from llama31.model.norm import RMSNorm
 from llama31.model.rope import RotaryEmbedding
+
+PACK_MIN_WEIGHTS = 1 << 19  # Transformer.pack_weights packs layers at least this big (2 MiB in float32)
 
 
 class TransformerBlock(nn.Module):
@@ -74,6 +80,32 @@ class Transformer(nn.Module):
         from llama31.checkpoints import load_pretrained  # the model core depends on no loader at import time
 
         return load_pretrained(path, dtype=dtype, device=device, model_class=cls, **kwargs)
+
+    def pack_weights(self, *, min_weights: int = PACK_MIN_WEIGHTS, required: bool = False) -> int:
+        """CPU inference: reorder the weight of every ``Linear`` with at least min_weights elements into oneDNN's
+        layout (llama31/model/linear.py): 1.3-2x faster decoding on a CPU. Smaller layers stay plain: a oneDNN
+        call costs ~15 us, F.linear ~3 us, and below ~2^19 weights that outweighs the faster streaming (measured
+        on a 2-core EPYC, float32, 1-2 threads). Layers that cannot be packed here (not on the CPU, float16, INT4,
+        model-parallel) stay as they are. Returns how many layers were packed; with required=True, ValueError
+        if none could be. Call it last: a packed model cannot change device or dtype. state_dict() still
+        returns plain weights.
+
+        With tied embeddings (3.2 1B / 3B) the output layer gets its own packed copy of the embedding matrix
+        (the lookup needs the plain one): vocab_size x dim more weights in memory (0.5 GB in bf16 for 1B).
+        """
+        count = 0
+        for module in self.modules():
+            if (isinstance(module, Linear) and not module.packed and module.weight.numel() >= min_weights
+                    and packing_supported(module.weight) is None):
+                module.pack()
+                count += 1
+        if required and count == 0:
+            linear = next((m for m in self.modules() if isinstance(m, Linear)), None)
+            why = packing_supported(linear.weight) if linear is not None else "the model has no plain Linear layer"
+            raise ValueError(f"no layer of the model can be packed: {why or 'every layer is smaller than min_weights'}"
+                             ". Packing needs float32 or bfloat16 weights on the CPU in one process; load with "
+                             "pack=False (or None)")
+        return count
 
     # ------------------------------------------------------------------ KV cache
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
