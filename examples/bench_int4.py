@@ -6,12 +6,14 @@
     python examples/bench_int4.py --threads 1  the steadiest numbers on a machine shared with other work (a
                                                2-thread op stalls whenever either thread is descheduled)
 
-1. Layers, batch 1 (one token, as in decoding): y = x @ W.T for W [N, K] in fp32 and bf16 (F.linear), and
-   Int4Linear's reference path (unpack + dequantize + matmul: slow by design) and its fused CPU path
+1. Layers, batch 1 (one token, as in decoding): y = x @ W.T for W [N, K] in fp32 and bf16 (F.linear, and
+   llama31's Linear with its weight packed for oneDNN, the default on a CPU), and Int4Linear's reference path
+   (unpack + dequantize + matmul: slow by design) and its fused CPU path
    (torch's int4 op, bf16 activations). Decoding reads every weight once per token, so time ~ bytes.
 2. Model: a random model of the Llama 3.2 1B shape (1.24 B parameters, the smallest Llama 3.x) decoding
-   greedily at batch 1 with a KV cache, in fp32, bf16 and INT4 (g128, bf16 activations): tokens/s, the
-   ratio to fp32, and the bytes of the quantized linear weights against the same weights in bf16.
+   greedily at batch 1 with a KV cache, in fp32, bf16 (packed weights, as from_pretrained loads them on a CPU)
+   and INT4 (g128, bf16 activations; the output layer packed bf16): tokens/s, the ratio to fp32, and the bytes
+   of the quantized linear weights against the same weights in bf16.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llama31 import ModelArgs, Transformer
+from llama31.model.linear import Linear
 from llama31.quant import Int4Linear, quantize_model
 
 DECODE_SHAPES = [  # (name, N, K) of the 8B model
@@ -62,6 +65,12 @@ def bench_layers(shapes, iters: int, group_size: int) -> list[dict]:
             "fp32 F.linear": (best_time(lambda: F.linear(x, w), iters), w.numel() * 4),
             "bf16 F.linear": (best_time(lambda: F.linear(x_bf16, w_bf16), iters), w.numel() * 2),
         }
+        for path, weight, inputs in (("fp32 packed", w, x), ("bf16 packed", w_bf16, x_bf16)):
+            packed = Linear(k, n, dtype=weight.dtype)
+            packed.load_state_dict({"weight": weight})
+            packed.pack()
+            with torch.no_grad():
+                times[path] = (best_time(lambda: packed(inputs), iters), weight.numel() * weight.element_size())
         layer.backend = "reference"
         times["int4 reference"] = (best_time(lambda: layer(x_bf16), max(1, iters // 10)), int4_bytes)
         layer.backend = "cpu_fused"
@@ -109,11 +118,16 @@ def bench_model(args: ModelArgs, group_size: int, prompt_len: int, new_tokens: i
     torch.manual_seed(0)
     model = Transformer(args, dtype=torch.float32)
     results["params"] = sum(p.numel() for p in model.parameters())
+    model.pack_weights()
     results["fp32 tok/s"] = decode_tokens_per_s(model, prompt_len, new_tokens)
+    model.unpack_weights()
     model = model.to(torch.bfloat16)
+    model.pack_weights()
     gc.collect()
     results["bf16 tok/s"] = decode_tokens_per_s(model, prompt_len, new_tokens)
+    model.unpack_weights()
     quantized = quantize_model(model, group_size)  # a bf16 model: bf16 scales, norms and embeddings
+    quantized.pack_weights()
     del model
     gc.collect()
     results["int4 tok/s"] = decode_tokens_per_s(quantized, prompt_len, new_tokens)

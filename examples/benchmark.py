@@ -177,14 +177,19 @@ class Llama31Engine:
 
         tokenizer = Tokenizer()  # only for Llama's pad id; loaded before the baseline RSS is taken
         self.baseline = take_baseline_rss()
-        model = Transformer.from_pretrained(folder, dtype=DTYPES.get(dtype, torch.bfloat16), pack=False).eval()
-        if dtype == "int4":
+        # as users load it: from_pretrained packs the large linear weights on a CPU (pack=None), or not (False)
+        pack_option = None if pack else False
+        if dtype == "int4":  # as Llama.build(int4_group_size=...) does: quantize the float model, then pack
+            from llama31.checkpoints.load import pack_as_asked
             from llama31.quant import quantize_model
 
-            model = quantize_model(model, int4_group_size(model.args)).eval()
+            model = Transformer.from_pretrained(folder, dtype=torch.bfloat16, pack=False)
+            model = quantize_model(model, int4_group_size(model.args))
+            pack_as_asked(model, pack_option)
             gc.collect()
-        if pack:
-            model.pack_weights()  # as from_pretrained and Llama.build do by default on a CPU
+        else:
+            model = Transformer.from_pretrained(folder, dtype=DTYPES[dtype], pack=pack_option)
+        model.eval()
         self.model, self.vocab = model, model.args.vocab_size
         self.llama = Llama(model, tokenizer, max_batch_size=64)
 

@@ -77,10 +77,30 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
 def pack_as_asked(model, pack: bool | None) -> None:
     """The `pack` option of load_pretrained and Llama.build: None packs the layers that gain from it (at least
     2^19 weights), True every layer that can be packed (ValueError if none can), False none."""
-    if pack is None:
-        model.pack_weights()
-    elif pack:
-        model.pack_weights(min_weights=0, required=True)
+    if pack is False:
+        return
+    packed = model.pack_weights() if pack is None else model.pack_weights(min_weights=0, required=True)
+    if packed:
+        own_remaining_weights(model)
+
+
+@torch.no_grad()
+def own_remaining_weights(model) -> None:
+    """Copy every plain (unpacked) parameter into memory of its own.
+
+    Weights read in the checkpoint's own dtype are views of the memory-mapped file (no copy at load). Packing
+    reads every page of that mapping, and the mapping stays open, its pages counted in the process's memory, as
+    long as any tensor still views it: the embedding and the norms, which stay plain. Copying those (the
+    embedding: vocab_size x dim; shared parameters stay shared) lets the file be unmapped.
+    """
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_mkldnn:
+                continue
+            if id(param) not in copies:
+                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            setattr(module, name, copies[id(param)])
 
 
 def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress):

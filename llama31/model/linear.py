@@ -12,8 +12,8 @@ additions differs (float32: ~1e-7 relative, like any other matmul kernel).
 
     y = x W^T        x: (..., in_features)  W: (out_features, in_features)  y: (..., out_features)
 
-A packed layer is for inference: its weight is an opaque tensor (``weight.is_mkldnn``) without autograd, and it
-cannot change device or dtype (call ``unpack()`` first). Checkpoints do not see the packing: ``state_dict()``
+A packed layer is for inference: its weight is an opaque tensor (``weight.is_mkldnn``) that takes no gradient
+(gradients still flow back to the layer's input) and cannot change device or dtype (call ``unpack()`` first). Checkpoints do not see the packing: ``state_dict()``
 returns the plain (out_features, in_features) weight, bit-identical to what was packed, and ``load_state_dict``
 takes a plain one and packs it again.
 """
@@ -36,6 +36,25 @@ def packing_supported(weight: torch.Tensor) -> str | None:
     if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no native bfloat16 support in oneDNN (AVX512-BF16 / AMX)"
     return None
+
+
+def packed_product(rows: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    """rows (n, in_features) @ W^T -> (n, out_features), W packed by Linear.pack."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed_weight, None, "none", [], "")
+
+
+class _PackedProduct(torch.autograd.Function):
+    """packed_product with the gradient for its input, dL/drows = dL/dy W (a packed weight takes none)."""
+
+    @staticmethod
+    def forward(ctx, rows, packed_weight):
+        ctx.save_for_backward(packed_weight)
+        return packed_product(rows, packed_weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed_weight,) = ctx.saved_tensors
+        return grad_y @ packed_weight.to_dense().to(grad_y.dtype), None
 
 
 class Linear(nn.Linear):
@@ -71,7 +90,10 @@ class Linear(nn.Linear):
         if not self.packed:
             return F.linear(x, self.weight)
         rows = x.reshape(-1, self.in_features).contiguous()  # (n, in_features): oneDNN takes a 2-D matrix
-        y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")  # (n, out_features)
+        if torch.is_grad_enabled() and rows.requires_grad:
+            y = _PackedProduct.apply(rows, self.weight)  # oneDNN's op has no backward of its own
+        else:
+            y = packed_product(rows, self.weight)  # (n, out_features)
         return y.view(*x.shape[:-1], self.out_features)
 
     # checkpoints see the plain weight

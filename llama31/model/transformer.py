@@ -107,6 +107,12 @@ class Transformer(nn.Module):
                              "pack=False (or None)")
         return count
 
+    def unpack_weights(self) -> None:
+        """Undo pack_weights: plain weights again (to change device or dtype, or to train)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.unpack()
+
     # ------------------------------------------------------------------ KV cache
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
         """Allocate a KV cache for up to max_batch_size sequences of max_seq_len positions (default: the
