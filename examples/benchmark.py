@@ -9,16 +9,17 @@ What it does
     and saves it ONCE as an HF folder under --cache-dir; later runs reuse it. Both engines load that folder:
     llama31 with Transformer.from_pretrained (which on a CPU packs the linear weights for oneDNN, as users get
     it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains),
-    HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31 only, if llama31.quant exists) is the bf16 model quantized
-    round-to-nearest with group size 128 and bf16 activations.
+    HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31
+    only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations.
   * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
     its own: "RSS" is the worker's RSS after loading and one warm-up run (weights read from a safetensors file
     of the same dtype are mmapped and count only once touched) minus its RSS before loading (imports and
     tokenizer already paid), "peak" the highest RSS during any measurement minus that same baseline (the
-    kernel's peak-RSS counter is reset before each measurement), with the measurement that reached it. The workers of one dtype are alive together and are driven
-    ALTERNATELY, one measurement at a time, in an order that rotates every repetition, so that a noisy
-    neighbour slows both sides alike; figures are medians over --reps, ratios are medians of per-repetition
-    ratios (paired). The INT4 worker takes part in every dtype's round, so it is compared with HF fp32 and bf16.
+    kernel's peak-RSS counter is reset before each measurement), with the measurement that reached it. The
+    workers of one dtype are alive together and are driven ALTERNATELY, one measurement at a time, in an order
+    that rotates every repetition, so that a noisy neighbour slows both sides alike; figures are medians over
+    --reps, ratios are medians of per-repetition ratios (paired). The INT4 worker takes part in every dtype's
+    round, so it is compared with HF fp32 and bf16.
   * Measurements (greedy everywhere, prompts of random ids from a fixed seed; the same for both engines):
       decode bB      B rows: prefill a --decode-prompt-token prompt, then time --decode-tokens forward steps
                      of one token per row through the KV cache, argmax in between. tok/s = B * steps / time.
@@ -33,10 +34,12 @@ What it does
                      stop token can end either one early.
   * The machine's memory bandwidth is measured in the same run (every repetition, between measurements) over
     512 MiB of random floats: the fastest of three plain reads (amax, sum, oneDNN's packed matrix-vector
-    product), an fp32 torch.mv and a copy (measure_bandwidth). Each decode figure is shown as a fraction of its
-    roofline: B * read bandwidth / (bytes of weights read per step + bytes of KV cache read per step), with the
-    best read bandwidth of the run (an upper bound; the decode figures are medians). torch.mv reaches only about
-    60% of the read bandwidth on a 2-core EPYC, so a roofline drawn from it would be far too low.
+    product), an fp32 torch.mv and a copy (measure_bandwidth). A VM's share of the memory bandwidth drifts with
+    its neighbours' load (33 to 48 GB/s read here within an hour), so every decode measurement is bracketed by
+    two reads (read_bandwidth) and gets its own roofline: B * read bandwidth / (bytes of weights read per step +
+    bytes of KV cache read per step); the fraction reported is the median over repetitions of tok/s over that
+    roofline. torch.mv reaches only 50-70% of the read bandwidth on a 2-core EPYC, so a roofline drawn from it
+    would be far too low.
   * Output: a table on stdout, a JSON file (--out-json) and, if matplotlib is installed, a PNG (--plot).
 """
 
@@ -376,16 +379,12 @@ class Worker:
 _BUFFERS: dict = {}
 
 
-def measure_bandwidth(repeats: int = 5) -> dict:
-    """GB/s, each the best of `repeats` (the least disturbed by other processes), over 512 MiB buffers (16x this
-    CPU's L3) of random values (identical pages could be deduplicated by the host and served from cache):
-      read_GBps     the fastest of three ways to stream the buffer into the cores: a reduction (amax), a sum,
-                    and oneDNN's matrix-vector product over it as a packed (16384, 8192) matrix
-      mv_fp32_GBps  an fp32 torch.mv over it as a matrix: what a plain matrix-vector kernel reaches
-      copy_GBps     a copy of half of it into another buffer (read + write bytes)."""
+def _buffers() -> dict:
+    """512 MiB of random float32 (16x this CPU's L3; random: identical pages could be deduplicated by the host
+    and served from cache), a vector, a copy target, and the buffer as a packed (16384, 8192) Linear."""
     if not _BUFFERS:
         g = torch.Generator().manual_seed(0)
-        _BUFFERS["a"] = torch.rand(2**27, generator=g)  # 512 MiB of float32
+        _BUFFERS["a"] = torch.rand(2**27, generator=g)
         _BUFFERS["x"] = torch.rand(2**13, generator=g)
         _BUFFERS["out"] = torch.empty(2**26)
         _BUFFERS["packed"] = None
@@ -393,23 +392,43 @@ def measure_bandwidth(repeats: int = 5) -> dict:
             _BUFFERS["packed"] = Linear(2**13, 2**14, dtype=torch.float32, device="meta")
             _BUFFERS["packed"].weight = torch.nn.Parameter(_BUFFERS["a"].view(2**14, 2**13), requires_grad=False)
             _BUFFERS["packed"].pack()
-    a, x, out, packed = _BUFFERS["a"], _BUFFERS["x"], _BUFFERS["out"], _BUFFERS["packed"]
-    w = a.view(-1, x.numel())  # (16384, 8192)
+    return _BUFFERS
+
+
+@torch.inference_mode()
+def read_bandwidth(repeats: int = 2) -> float:
+    """GB/s of the fastest of three ways to stream the 512 MiB buffer into the cores, each the best of `repeats`:
+    a reduction (amax), a sum, and oneDNN's matrix-vector product over it as a packed matrix."""
+    b = _buffers()
+    a, x, packed = b["a"], b["x"], b["packed"]
     readers = [a.amax, a.sum] + ([lambda: packed(x[None])] if packed is not None else [])
-    read, mv, copy = [], [], []
+    best = 0.0
+    for reader in readers:
+        reader()  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reader()
+            best = max(best, a.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def measure_bandwidth(repeats: int = 5) -> dict:
+    """GB/s, each the best of `repeats` (the least disturbed by other processes), over the 512 MiB buffer:
+      read_GBps     read_bandwidth: the memory streamed into the cores
+      mv_fp32_GBps  an fp32 torch.mv over it as a matrix: what a plain matrix-vector kernel reaches
+      copy_GBps     a copy of half of it into another buffer (read + write bytes)."""
+    b = _buffers()
+    a, x, out = b["a"], b["x"], b["out"]
+    w = a.view(-1, x.numel())  # (16384, 8192)
+    mv, copy = [], []
     for _ in range(repeats + 1):  # the first round warms up
-        with torch.inference_mode():
-            for reader in readers:
-                start = time.perf_counter()
-                reader()
-                read.append(a.numel() * 4 / (time.perf_counter() - start) / 1e9)
         start = time.perf_counter()
         torch.mv(w, x)
         mv.append(w.numel() * 4 / (time.perf_counter() - start) / 1e9)
         start = time.perf_counter()
         out.copy_(a[:out.numel()])
         copy.append(2 * out.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return {"read_GBps": max(read[len(readers):]), "mv_fp32_GBps": max(mv[1:]), "copy_GBps": max(copy[1:])}
+    return {"read_GBps": read_bandwidth(repeats), "mv_fp32_GBps": max(mv[1:]), "copy_GBps": max(copy[1:])}
 
 
 # ====================================================================== the benchmark
@@ -460,7 +479,12 @@ def run_benchmark(opts) -> dict:
                     for key, op, kwargs in ops:
                         order = workers[rep % len(workers):] + workers[:rep % len(workers)]  # rotate who goes first
                         for w in order:
+                            # the bandwidth of this VM drifts by up to 2x with its neighbours' load: each decode
+                            # figure gets its own roofline, from reads just before and just after it
+                            before = read_bandwidth() if op == "decode" else None
                             r = w.run(op, **kwargs)
+                            if before is not None:
+                                r["read_GBps"] = max(before, read_bandwidth())
                             r["round"] = round_configs[0][1] if round_configs else "int4"
                             r["rep"] = rep
                             results[w.name]["runs"].setdefault(key, []).append(r)
@@ -491,8 +515,7 @@ def tokens_per_second(key: str, r: dict, opts) -> float:
 
 
 def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) -> dict:
-    # the roofline is an upper bound: the best read bandwidth seen in the run; the others are medians
-    bw = {k: (max if k == "read_GBps" else statistics.median)(b[k] for b in bandwidth) for k in bandwidth[0]}
+    bw = {k: statistics.median(b[k] for b in bandwidth) for k in bandwidth[0]}
     summary: dict = {"configs": {}, "ratios": {}, "greedy_agreement": {}}
     for name, res in results.items():
         dtype = name.split()[1]
@@ -512,8 +535,10 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                 batch = int(key.split("_b")[1])
                 step_bytes = mem["weight_bytes"] + kv_bytes_per_step(args, dtype, batch,
                                                                      opts.decode_prompt + opts.decode_tokens / 2)
-                op["roofline_tok_s"] = batch * bw["read_GBps"] * 1e9 / step_bytes
-                op["fraction_of_roofline"] = op["median"] / op["roofline_tok_s"]
+                rooflines = [batch * r["read_GBps"] * 1e9 / step_bytes for r in res["runs"][key]]
+                op["roofline_tok_s"] = statistics.median(rooflines)
+                # per repetition, against the bandwidth measured around that very run; then the median
+                op["fraction_of_roofline"] = statistics.median(v / roof for v, roof in zip(values, rooflines))
                 op["step_ms"] = statistics.median(r["step_ms"] for r in res["runs"][key])
             entry["ops"][key] = op
         summary["configs"][name] = entry
@@ -585,8 +610,8 @@ def format_table(report: dict) -> str:
     keys = list(next(iter(configs.values()))["ops"])
     m, bw = report["model"], report["bandwidth"]
     lines = [f"{m['preset']}: {_size(m['parameters'])} parameters, {report['machine']['threads']} thread(s), "
-             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth {bw['read_GBps']:.1f} GB/s "
-             f"(best read of the run; medians: fp32 mv {bw['mv_fp32_GBps']:.1f}, copy {bw['copy_GBps']:.1f})"]
+             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth (medians) {bw['read_GBps']:.1f} GB/s "
+             f"read, {bw['mv_fp32_GBps']:.1f} fp32 mv, {bw['copy_GBps']:.1f} copy"]
 
     def table(heads: list[str], rows: dict[str, list[str]]) -> None:
         widths = [max(len(h), *(len(r[i]) for r in rows.values())) + 2 for i, h in enumerate(heads)]

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from int4_oracle import act_order_g_idx, pack_signed, pack_words
-from llama31.model.linear import Linear
 from llama31 import ModelArgs, Transformer
+from llama31.model.linear import Linear
 from llama31.quant import Int4Linear
 
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, max_seq_len=256)

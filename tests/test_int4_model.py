@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama31.model.linear import Linear
 from llama31 import ModelArgs, Transformer
 from llama31.checkpoints import save_hf
+from llama31.model.linear import Linear
 from llama31.quant import Int4Linear, from_compressed_tensors, parse_quantization_config, quantize_model, quantize_weight
 from llama31.quant.checkpoint import quantize_checkpoint
 from llama31.quant.packing import dequantize

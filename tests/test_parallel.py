@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from conftest import hf_model
-from llama31.model.linear import Linear
 from llama31 import Layers, ModelArgs, Transformer
 from llama31.checkpoints import open_checkpoint, shard_dim
 from llama31.checkpoints.meta import MetaCheckpoint
 from llama31.convert import convert
+from llama31.model.linear import Linear
 from parallel_worker import greedy, prompt_tokens
 
 TOL = 1e-5

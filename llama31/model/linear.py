@@ -13,9 +13,9 @@ additions differs (float32: ~1e-7 relative, like any other matmul kernel).
     y = x W^T        x: (..., in_features)  W: (out_features, in_features)  y: (..., out_features)
 
 A packed layer is for inference: its weight is an opaque tensor (``weight.is_mkldnn``) that takes no gradient
-(gradients still flow back to the layer's input) and cannot change device or dtype (call ``unpack()`` first). Checkpoints do not see the packing: ``state_dict()``
-returns the plain (out_features, in_features) weight, bit-identical to what was packed, and ``load_state_dict``
-takes a plain one and packs it again.
+(gradients still flow back to the layer's input) and cannot change device or dtype (call ``unpack()`` first).
+Checkpoints do not see the packing: ``state_dict()`` returns the plain (out_features, in_features) weight,
+bit-identical to what was packed, and ``load_state_dict`` takes a plain one and packs it again.
 """
 
 from __future__ import annotations
