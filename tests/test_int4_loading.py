@@ -105,7 +105,8 @@ def test_gptq_act_order_folder_loads_and_matches_hf_with_dequantized_weights(tmp
     _check_logits(model, _hf_reference(tmp_path, floats, layers))
 
 
-def test_compressed_tensors_folder_loads_and_matches_hf_with_dequantized_weights(tmp_path):
+@pytest.mark.parametrize("pack", [None, True], ids=["default", "output-layer-packed"])
+def test_compressed_tensors_folder_loads_and_matches_hf_with_dequantized_weights(tmp_path, pack):
     rng, layers = _known_layers(2, act_order=False)
     floats = _float_tensors(rng)
     tensors = dict(floats)
@@ -121,8 +122,10 @@ def test_compressed_tensors_folder_loads_and_matches_hf_with_dequantized_weights
                                                         "strategy": "group", "group_size": G, "dynamic": False,
                                                         "actorder": None, "observer": "minmax"}}}}
     _write(tmp_path / "ct", tensors, config)
-    model = Transformer.from_pretrained(tmp_path / "ct")
+    # pack=True packs the (tiny) float output layer; the INT4 tensors, views of the file, are then copied
+    model = Transformer.from_pretrained(tmp_path / "ct", pack=pack)
     assert isinstance(model.layers[0].feed_forward.w2, Int4Linear) and type(model.output) is Linear
+    assert model.output.packed == bool(pack)
     _check_logits(model, _hf_reference(tmp_path, floats, layers))
 
 

@@ -86,21 +86,25 @@ def pack_as_asked(model, pack: bool | None) -> None:
 
 @torch.no_grad()
 def own_remaining_weights(model) -> None:
-    """Copy every plain (unpacked) parameter into memory of its own.
+    """Copy every plain (unpacked) parameter and buffer into memory of its own.
 
     Weights read in the checkpoint's own dtype are views of the memory-mapped file (no copy at load). Packing
     reads every page of that mapping, and the mapping stays open, its pages counted in the process's memory, as
-    long as any tensor still views it: the embedding and the norms, which stay plain. Copying those (the
-    embedding: vocab_size x dim; shared parameters stay shared) lets the file be unmapped.
+    long as any tensor still views it: the embedding, the norms (and INT4 tensors), which stay plain. Copying
+    those (the embedding: vocab_size x dim; shared parameters stay shared) lets the file be unmapped.
     """
-    copies: dict[int, torch.nn.Parameter] = {}
+    copies: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_mkldnn:
-                continue
-            if id(param) not in copies:
-                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-            setattr(module, name, copies[id(param)])
+            if not param.is_mkldnn:
+                if id(param) not in copies:
+                    copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                setattr(module, name, copies[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_mkldnn:
+                if id(buffer) not in copies:
+                    copies[id(buffer)] = buffer.clone()
+                module._buffers[name] = copies[id(buffer)]
 
 
 def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress):
