@@ -13,8 +13,10 @@ The FFN hidden size is derived from ``ffn_dim_multiplier`` / ``multiple_of`` the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -217,6 +219,15 @@ class ModelArgs:
         if self.rope_scaling is not None:
             config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         return config
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (params.json, config.json, a safetensors index) as a dict; ValueError naming the
+    file if it is not valid JSON."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def ffn_hidden_dim(dim: int, ffn_dim_multiplier: float | None, multiple_of: int) -> int:

@@ -187,3 +187,16 @@ def test_hf_index_naming_a_missing_file(hf_folder, tmp_path):
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=f"{victim.name} does not exist; download the missing shard"):
         Transformer.from_pretrained(tmp_path / "s")
+
+
+@pytest.mark.parametrize("broken", ["config.json", "model.safetensors.index.json", "params.json"])
+def test_a_json_file_that_is_not_json_is_named(hf_folder, tmp_path, broken):
+    folder, _ = hf_folder(seed=32)
+    if broken == "params.json":
+        convert(folder, tmp_path / "c", to="meta")
+    else:
+        ckpt = open_checkpoint(folder)
+        save_hf(tmp_path / "c", ckpt.args, {n: ckpt.read(n) for n in ckpt.keys()}, max_shard_bytes=100_000)
+    (tmp_path / "c" / broken).write_text('{"truncated": ')
+    with pytest.raises(ValueError, match=f"{broken}: not valid JSON"):
+        Transformer.from_pretrained(tmp_path / "c")

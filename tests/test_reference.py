@@ -29,6 +29,7 @@ from reference.check import FP32_TOL, check
 from reference.compare import compare_topk, exact_kl
 from reference.engines import hf as hf_engine
 from reference.engines import llama31 as llama31_engine
+from reference.engines import common as engines_common
 from reference.engines.common import document
 from reference.fileformat import FormatError, from_memory, load, load_json, save
 from reference.make import VOLATILE_PROVENANCE, make_golden
@@ -122,11 +123,18 @@ def test_long_prompts_prefilled_in_chunks_pass_too(goldens, monkeypatch):
     """The path a real checkpoint's 16K-token probe takes (chunked prefill into the KV cache, then decoding from
     it), forced here on the 375-token probe with chunks of 100, in both adapters."""
     golden = goldens["tiny-llama3.1"]
-    monkeypatch.setattr(llama31_engine, "CHUNK", 100)
-    monkeypatch.setattr(hf_engine, "CHUNK", 100)
+    monkeypatch.setattr(engines_common, "CHUNK", 100)  # decides which prompts are long, and sizes the chunks
     for engine, model in ((llama31_engine, load_model("tiny-llama3.1")),
                           (hf_engine, hf_engine.load(CHECKPOINTS / "tiny-llama3.1"))):
+        long_lengths = []
+
+        def spy(forward, ids, *args, _real=engines_common.chunked_prompt_then_greedy):
+            long_lengths.append(len(ids))
+            return _real(forward, ids, *args)
+
+        monkeypatch.setattr(engine, "chunked_prompt_then_greedy", spy)
         data, tensors = document(request(golden), engine.run(model, request(golden)), {"engine": "chunked"})
+        assert long_lengths and min(long_lengths) > 100  # the long probe took the chunked path
         report = check(golden, from_memory(data, tensors, "chunked", golden), "fp32")
         assert report.passed, report.text
 

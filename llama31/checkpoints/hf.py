@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from llama31.checkpoints.names import hf_rows_to_meta, hf_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
 from llama31.checkpoints.sharding import shard_dim, shard_range
-from llama31.config import ModelArgs
+from llama31.config import ModelArgs, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,15 +38,12 @@ class HFCheckpoint:
     def __init__(self, path: Path):
         self.path = path
         config_file = path / "config.json"
-        try:
-            self.config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        self.config = read_json(config_file)
         self.args = ModelArgs.from_hf_config(self.config, source=str(config_file))
         self.quantization = self.config.get("quantization_config")
         self._file_of: dict[str, Path] = {}  # HF name -> file
         if (path / INDEX_FILE).is_file():
-            index = json.loads((path / INDEX_FILE).read_text())
+            index = read_json(path / INDEX_FILE)
             if "weight_map" not in index:
                 raise ValueError(f"{path / INDEX_FILE}: has no 'weight_map'; is it a safetensors index?")
             for hf_name, file in index["weight_map"].items():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llama31.checkpoints.sharding import shard_dim, shard_range
-from llama31.config import ModelArgs
+from llama31.config import ModelArgs, read_json
 
 SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -59,10 +59,7 @@ class MetaCheckpoint:
     def __init__(self, path: Path, *, rank: int = 0, world_size: int = 1):
         self.path = path
         params_file = path / "params.json"
-        try:
-            self.params = json.loads(params_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{params_file}: not valid JSON ({e})") from None
+        self.params = read_json(params_file)
         self.quantization = self.params.get("quantization_args")
         self._files = shard_files(path)
         self._shards: dict[int, dict[str, torch.Tensor]] = {}  # file index -> its tensors, opened on first use

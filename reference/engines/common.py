@@ -15,8 +15,10 @@ import argparse
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from reference.fileformat import FORMAT, FORMAT_VERSION, Tensors, load_json, save
+from reference.logits import topk_summary
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,6 +69,26 @@ def run_prompts(golden: dict, *, prompt_topk, greedy, long_prompt) -> EngineOutp
         for i, (ids, lp, lse, last), (gen_ids, gids, glp, glse) in zip(group, parts, gen):
             out.results[prompts[i]["name"]] = PromptOutputs(ids, lp, lse, last, gen_ids, gids, glp, glse)
     return out
+
+
+def chunked_prompt_then_greedy(forward, ids: list[int], k: int, max_new: int, stop_ids: list[int]):
+    """An engine's long_prompt, given its forward(tokens, start) -> (len(tokens), vocab) logits of tokens at
+    positions start .. start + len(tokens) - 1, each call extending one KV cache: prefill the prompt CHUNK
+    tokens at a time (each chunk's logits summarised before the next), then decode greedily from that cache.
+    Returns run_prompts' ([prompt parts], [greedy parts]) for the one row."""
+    pieces, generated, chosen_from = [], [], []
+    for start in range(0, len(ids), CHUNK):
+        logits = forward(ids[start:start + CHUNK], start)  # (chunk, vocab)
+        pieces.append(topk_summary(logits, k))
+    last = logits[-1]
+    while True:
+        generated.append(int(last.argmax()))
+        chosen_from.append(last)
+        if generated[-1] in stop_ids or len(generated) == max_new:
+            break
+        last = forward(generated[-1:], len(ids) + len(generated) - 1)[-1]
+    prompt = tuple(np.concatenate(p) for p in zip(*pieces))
+    return [(*prompt, None)], [(generated, *topk_summary(torch.stack(chosen_from), k))]
 
 
 def batches(prompts: list[dict]) -> list[list[int]]:

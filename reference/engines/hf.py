@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reference.engines.common import (CHUNK, EngineOutputs, parse_args, parser, read_golden, run_prompts,
-                                      write_candidate)
+from reference.engines.common import (EngineOutputs, chunked_prompt_then_greedy, parse_args, parser, read_golden,
+                                      run_prompts, write_candidate)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,25 +79,13 @@ def long_prompt(model, ids, k, max_new, stop_ids):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    pieces, generated, chosen_from = [], [], []
 
     def forward(tokens, start):
         positions = torch.arange(start, start + len(tokens), device=model.device)[None]
         return model(input_ids=torch.tensor([tokens], device=model.device), position_ids=positions, cache=cache,
                      use_cache=True).logits[0]  # (len(tokens), vocab)
 
-    for start in range(0, len(ids), CHUNK):
-        logits = forward(ids[start:start + CHUNK], start)
-        pieces.append(topk_summary(logits, k))
-    last = logits[-1]
-    while True:
-        generated.append(int(last.argmax()))
-        chosen_from.append(last)
-        if generated[-1] in stop_ids or len(generated) == max_new:
-            break
-        last = forward(generated[-1:], len(ids) + len(generated) - 1)[-1]
-    prompt = tuple(np.concatenate(p) for p in zip(*pieces))
-    return [(*prompt, None)], [(generated, *topk_summary(torch.stack(chosen_from), k))]
+    return chunked_prompt_then_greedy(forward, ids, k, max_new, stop_ids)
 
 
 def greedy(model, rows, max_new, stop_ids, k):

@@ -17,8 +17,8 @@ import torch
 
 from llama31 import Llama, Transformer, __version__
 from llama31.text import Tokenizer
-from reference.engines.common import (CHUNK, EngineOutputs, parse_args, parser, read_golden, run_prompts,
-                                      write_candidate)
+from reference.engines.common import (EngineOutputs, chunked_prompt_then_greedy, parse_args, parser, read_golden,
+                                      run_prompts, write_candidate)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,27 +50,16 @@ def prompt_topk(model: Transformer, rows: list[list[int]], k: int):
 
 def long_prompt(model: Transformer, ids: list[int], k: int, max_new: int, stop_ids: list[int]):
     """A prompt longer than CHUNK (a real checkpoint's 16K-token probe): prefill it in chunks through the KV
-    cache, each chunk's (chunk, vocab) logits summarised before the next, then decode greedily from that cache.
-    (One forward over 16K positions would hold a (heads, 16K, 16K) score matrix per layer.)"""
+    cache, then decode greedily from that cache. (One forward over 16K positions would hold a (16K, vocab)
+    logits matrix.)"""
     device = model.tok_embeddings.weight.device
     model.setup_cache(1, len(ids) + max_new)
-    pieces, generated, chosen_from = [], [], []
     try:
-        for start in range(0, len(ids), CHUNK):
-            logits = model(torch.tensor([ids[start:start + CHUNK]], device=device), start)[0]  # (chunk, vocab)
-            pieces.append(topk_summary(logits, k))
-        last = logits[-1]
-        while True:
-            generated.append(int(last.argmax()))
-            chosen_from.append(last)
-            if generated[-1] in stop_ids or len(generated) == max_new:
-                break
-            position = len(ids) + len(generated) - 1
-            last = model(torch.tensor([[generated[-1]]], device=device), position)[0, -1]
+        return chunked_prompt_then_greedy(
+            lambda tokens, start: model(torch.tensor([tokens], device=device), start)[0],  # (len(tokens), vocab)
+            ids, k, max_new, stop_ids)
     finally:
         model.clear_cache()
-    prompt = tuple(np.concatenate(p) for p in zip(*pieces))
-    return [(*prompt, None)], [(generated, *topk_summary(torch.stack(chosen_from), k))]
 
 
 def greedy(model: Transformer, rows: list[list[int]], max_new: int, stop_ids: list[int], k: int):
