@@ -10,7 +10,10 @@
    llama31's Linear with its weight packed for oneDNN, the default on a CPU), and Int4Linear's reference path
    (unpack + dequantize + matmul: slow by design) and its fused CPU path
    (torch's int4 op, bf16 activations). Decoding reads every weight once per token, so time ~ bytes.
-2. Model: a random model of the Llama 3.2 1B shape (1.24 B parameters, the smallest Llama 3.x) decoding
+2. Layers, many rows (--prefill-rows, default 1024: a prompt being prefilled): bf16 F.linear and packed, and
+   Int4Linear's CPU path both ways: torch's int4 op (a matrix-vector kernel, whose time grows with every row)
+   and the dequantize-then-matmul route it takes from cpu_fused.DEQUANTIZE_MIN_ROWS rows on.
+3. Model: a random model of the Llama 3.2 1B shape (1.24 B parameters, the smallest Llama 3.x) decoding
    greedily at batch 1 with a KV cache, in fp32, bf16 (packed weights, as from_pretrained loads them on a CPU)
    and INT4 (g128, bf16 activations; the output layer packed bf16): tokens/s, the ratio to fp32, and the bytes
    of the quantized linear weights against the same weights in bf16.
@@ -83,6 +86,44 @@ def bench_layers(shapes, iters: int, group_size: int) -> list[dict]:
         del w, w_bf16, layer
         gc.collect()
     return rows
+
+
+def bench_prefill_layers(shapes, rows: int, iters: int, group_size: int) -> list[dict]:
+    """y = x @ W.T with `rows` rows of bf16 activations: bf16 weights against INT4's two CPU routes."""
+    from llama31.quant import cpu_fused
+
+    out = []
+    for name, n, k in shapes:
+        torch.manual_seed(0)
+        w_bf16 = (torch.randn(n, k) * 0.02).bfloat16()
+        x = torch.randn(rows, k).bfloat16()
+        packed = Linear(k, n, dtype=torch.bfloat16)
+        packed.load_state_dict({"weight": w_bf16})
+        packed.pack()
+        layer = Int4Linear.from_float(w_bf16, group_size, dtype=torch.bfloat16, backend="cpu_fused")
+        with torch.no_grad():
+            times = {"bf16 F.linear": best_time(lambda: F.linear(x, w_bf16), iters),
+                     "bf16 packed": best_time(lambda: packed(x), iters)}
+            threshold = cpu_fused.DEQUANTIZE_MIN_ROWS
+            try:
+                cpu_fused.DEQUANTIZE_MIN_ROWS = rows + 1  # force torch's op
+                times["int4 op"] = best_time(lambda: layer(x), iters)
+                cpu_fused.DEQUANTIZE_MIN_ROWS = 1  # force dequantize-then-matmul
+                times["int4 dequantize+matmul"] = best_time(lambda: layer(x), iters)
+            finally:
+                cpu_fused.DEQUANTIZE_MIN_ROWS = threshold
+        for path, seconds in times.items():
+            out.append({"shape": name, "rows": rows, "path": path, "ms": seconds * 1e3,
+                        "x bf16 F.linear": times["bf16 F.linear"] / seconds})
+        del w_bf16, packed, layer
+        gc.collect()
+    return out
+
+
+def print_prefill_table(rows) -> None:
+    print(f"\n{'shape':<22} {'path':<24} {'rows':>5} {'ms':>9} {'x bf16':>7}")
+    for r in rows:
+        print(f"{r['shape']:<22} {r['path']:<24} {r['rows']:>5} {r['ms']:>9.2f} {r['x bf16 F.linear']:>7.2f}")
 
 
 def decode_tokens_per_s(model, prompt_len: int, new_tokens: int) -> float:
@@ -158,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model decoding part")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--iters", type=int, help="timed calls per layer measurement (default 20, quick 3)")
+    parser.add_argument("--prefill-rows", type=int, help="rows of the many-row layer timings (default 1024, "
+                        "quick 128)")
     parser.add_argument("--new-tokens", type=int, help="decoded tokens per model (default 32, quick 4)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -171,7 +214,11 @@ def main(argv=None) -> int:
     group_size = 32 if args.quick else args.group_size
     layer_rows = bench_layers(shapes, iters, group_size)
     print_layer_table(layer_rows)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "layers": layer_rows}
+    prefill_rows = bench_prefill_layers(shapes, args.prefill_rows or (128 if args.quick else 1024),
+                                        max(1, iters // 5), group_size)
+    print_prefill_table(prefill_rows)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "layers": layer_rows,
+               "prefill_layers": prefill_rows}
 
     if not args.no_model:
         if args.quick:

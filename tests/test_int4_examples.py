@@ -41,6 +41,9 @@ def test_cpu_benchmark_smoke_mode(tmp_path, capsys):
     results = json.loads((tmp_path / "bench.json").read_text())
     paths = {row["path"] for row in results["layers"]}
     assert paths == {"fp32 F.linear", "bf16 F.linear", "fp32 packed", "bf16 packed", "int4 reference", "int4 cpu_fused"}
+    prefill = {row["path"] for row in results["prefill_layers"]}
+    assert prefill == {"bf16 F.linear", "bf16 packed", "int4 op", "int4 dequantize+matmul"}
+    assert all(row["ms"] > 0 and row["rows"] == 128 for row in results["prefill_layers"])
     assert all(results["model"][f"{name} tok/s"] > 0 for name in ("fp32", "bf16", "int4"))
     assert results["model"]["int4 linear bytes"] < 0.3 * results["model"]["bf16 linear bytes"]
 

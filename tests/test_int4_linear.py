@@ -65,28 +65,59 @@ def _mean_relative_error(y, ref):
     return ((y.double() - ref).abs().mean() / ref.abs().mean()).item()
 
 
-# N = 14336 / 4096 and K = 4096 / 14336: the 8B FFN shapes; (200, 4160, 64): N not a multiple of 16 (padded),
-# K not a multiple of 128. Few big shapes: each reference weight is 235 MB of fp32.
+# N = 14336 / 4096 and K = 4096 / 14336: the 8B FFN shapes (K = 14336 also gives a ragged last block of
+# rebuilt rows); (200, 4160, 64): N not a multiple of 16 (padded), K not a multiple of 128. Few big shapes:
+# each reference weight is 235 MB of fp32.
 @needs_cpu_op
+@pytest.mark.parametrize("route", ["default", "op", "blocks"])
 @pytest.mark.parametrize("n, k, g, zero_point", [(14336, 4096, 128, False), (4096, 14336, 128, False),
                                                  (200, 4160, 64, True), (48, 256, 32, False)])
-def test_cpu_fused_path_agrees_with_the_reference(n, k, g, zero_point):
+def test_cpu_fused_path_agrees_with_the_reference(n, k, g, zero_point, route, monkeypatch):
+    # "op": torch's fused op for every row count; "blocks": dequantize-then-matmul for every row count;
+    # "default": the op below DEQUANTIZE_MIN_ROWS (96) rows, blocks from there on (M = 100 below).
+    if route != "default":
+        monkeypatch.setattr(cpu_fused, "DEQUANTIZE_MIN_ROWS", 1 if route == "blocks" else 10**9)
     layer = _layer(n, k, g, zero_point=zero_point, dtype=torch.bfloat16, backend="cpu_fused")
     w = dequantize(layer.weight_packed, layer.weight_scale, layer.weight_zero_point)  # exact math, fp32
-    x = torch.randn(33, k, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(100, k, generator=torch.Generator().manual_seed(1))
     # The reference as one fp32 matmul per input dtype (rows are independent): its rounding, ~1e-6
     # relative, is far below the tolerance, and it keeps the big shapes fast.
     refs = {torch.float32: x @ w.T, torch.bfloat16: x.bfloat16().float() @ w.T}
-    for m in (1, 2, 7, 16, 33):
+    magnitude = x.abs() @ w.abs().T  # sum_k |x_k w_k| for each output: what rounding errors scale with
+    for m in (1, 2, 7, 16, 33, 100):
         for x_m in (x[:m], x[:m].bfloat16()):
             ref = refs[x_m.dtype][:m].double()
             y = layer(x_m)
             assert y.dtype == x_m.dtype and y.shape == (m, n)
+            # Every output on its own: at most three bf16 roundings (activations, rebuilt weights or the op's
+            # own, output), each within 2**-9 of sum_k |x_k w_k|, plus fp32 accumulation (K 2**-24 of it, under
+            # 2**-9 here). A wrong output column or block edge breaks this even where the mean below would not.
+            worst = ((y.double() - ref).abs() / magnitude[:m]).max().item()
+            assert worst <= 2**-7, f"M={m} {x_m.dtype}: error {worst:.2e} of sum |x w|"
             # bf16 activations (the path casts fp32 ones) carry a relative rounding of 2**-9 per value, the
-            # bf16 output another 2**-9: a mean relative error of a few 1e-3. 1e-2 leaves room for that
-            # and fails on any layout mistake (a wrong nibble order or scale index gives O(1) errors).
+            # weights rebuilt in bf16 by the block route another, the bf16 output another: a mean relative
+            # error of a few 1e-3. 1e-2 leaves room for that and fails on any layout mistake (a wrong nibble
+            # order, scale index or block boundary gives O(1) errors).
             err = _mean_relative_error(y, ref)
             assert err <= 1e-2, f"M={m} {x_m.dtype}: mean relative error {err:.2e}"
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("n, k, g, zero_point, block_rows", [(200, 4160, 64, True, 7), (48, 256, 32, False, 48),
+                                                             (37, 512, 128, True, 10)])
+def test_cpu_block_rebuild_is_the_canonical_dequantization_in_bf16(n, k, g, zero_point, block_rows):
+    # Bit for bit: (q - zp) is a small integer and the scale a bf16 number, so their product is rounded to
+    # bf16 once, whichever way it is computed; any difference is a wrong nibble, group, row or block edge.
+    layer = _layer(n, k, g, zero_point=zero_point, dtype=torch.float32)
+    weight = cpu_fused.repack(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, g)
+    expected = dequantize(layer.weight_packed, layer.weight_scale.bfloat16(), layer.weight_zero_point,
+                          dtype=torch.bfloat16)
+    nibbles = torch.empty(block_rows, k // 2, 2, dtype=torch.uint8)
+    out = torch.full((block_rows, k), float("nan"), dtype=torch.bfloat16)  # every element must be written
+    for start in range(0, n, block_rows):
+        rows = min(block_rows, n - start)
+        got = cpu_fused._dequantize_rows(weight, start, rows, nibbles[:rows], out[:rows])
+        assert torch.equal(got, expected[start:start + rows]), f"rows {start}..{start + rows - 1}"
 
 
 def test_reference_path_with_act_order_permutes_the_input():
