@@ -35,3 +35,24 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     assert ("llama31 int4" in report["configs"]) != ("INT4 skipped" in result.stderr)
     # the plot is optional: drawn with matplotlib, a clear message without it
     assert (tmp_path / "plot.png").exists() or "plot skipped: matplotlib is not installed" in result.stdout
+
+
+def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
+    import torch
+
+    from llama31.model.linear import packing_supported
+
+    can_pack = packing_supported(torch.zeros(1, 1)) is None
+    out = tmp_path / "gemv.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_gemv.py"), "--quick", "--reps", "1",
+                             "--threads", "1", "--json", str(out)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["shapes"]) == {"256x512", "512x256"}
+    for shape in report["shapes"].values():
+        assert shape["MiB"] >= 31  # 32 MiB of copies: the quick run still walks more than the L2 holds
+        expected = {"F.linear", "torch.mv"} | ({"oneDNN packed"} if can_pack else set())
+        assert expected <= set(shape["kernels"])
+        assert all(k["GBps"] > 0 and k["fraction_of_read"] > 0 for k in shape["kernels"].values())
