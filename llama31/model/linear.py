@@ -2,14 +2,15 @@
 
 Why a fast path: decoding one token multiplies one row per sequence by every weight matrix. That is a
 matrix-vector product, and it can go no faster than the weights stream from memory. On the CPU, F.linear's
-kernels for one row do not reach that limit: on a 2-core AMD EPYC (Zen 4) whose memory delivers 33-48 GB/s,
+kernels for one row do not reach that limit: on a 2-core AMD EPYC (Zen 4) whose memory delivers 33-62 GB/s,
 F.linear at one row streams weights that do not fit in the cache at 16-20 GB/s in float32 and 15-17 GB/s in
-bfloat16 (examples/bench_int4.py and benchmark.py measure this).
+bfloat16 (examples/bench_gemv.py, bench_int4.py and benchmark.py measure this).
 
 ``pack()`` reorders the weight once into oneDNN's blocked layout for a batch of one (the layout torch.compile's
 CPU backend chooses for frozen weights) and then multiplies with oneDNN's linear kernel, which streams float32
-weights at 90-100% of the memory's read speed: decoding is 1.5x (fp32) and 1.6x (bf16) faster on a 1.24 B model
-at one row, 1.6-2.7x at 4 rows, prefill 1.1-1.4x. It computes the same product; only the order of the float
+weights at 67-85% of the memory's read speed, the fastest matrix-vector kernel torch has here (F.linear 51-64%;
+examples/bench_gemv.py): decoding is 1.5x (fp32) and 1.5-1.7x (bf16) faster on a 1.24 B model at one row,
+1.6-2.7x at 4 rows, prefill 1.1-1.4x. It computes the same product; only the order of the float
 additions differs (float32: ~1e-7 relative, like any other matmul kernel).
 
     y = x W^T        x: (..., in_features)  W: (out_features, in_features)  y: (..., out_features)
