@@ -17,8 +17,9 @@ close each available kernel comes, shape by shape. For each shape it builds enou
   torch.mv        the plain BLAS matrix-vector product
 
 Each kernel's walk is bracketed by two walks of amax over the same plain matrices, their bytes read as float32
-(a reduction: a plain read of the same bytes, in the same order); the kernel is reported as GB/s and as a fraction of the faster of those two
-reads, the median over --reps repetitions, because a shared VM's bandwidth drifts from one second to the next.
+(a reduction: a plain read of the same bytes, in the same order); the kernel is reported as GB/s and as a
+fraction of the faster of those two reads, the median over --reps repetitions, because a shared VM's bandwidth
+drifts from one second to the next.
 
 The shapes include the fused matrices a model could use instead of separate ones: wq|wk|wv as one
 (3072, 2048) and w1|w3 as one (16384, 2048), to show what fusing them would gain.

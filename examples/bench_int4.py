@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from llama31 import ModelArgs, Transformer
 from llama31.model.linear import Linear
-from llama31.quant import Int4Linear, quantize_model
+from llama31.quant import Int4Linear, cpu_fused, quantize_model
 
 DECODE_SHAPES = [  # (name, N, K) of the 8B model
     ("wq / wo 4096x4096", 4096, 4096),
@@ -90,8 +90,6 @@ def bench_layers(shapes, iters: int, group_size: int) -> list[dict]:
 
 def bench_prefill_layers(shapes, rows: int, iters: int, group_size: int) -> list[dict]:
     """y = x @ W.T with `rows` rows of bf16 activations: bf16 weights against INT4's two CPU routes."""
-    from llama31.quant import cpu_fused
-
     out = []
     for name, n, k in shapes:
         torch.manual_seed(0)
@@ -205,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.prefill_rows is not None and args.prefill_rows < 1:
+        parser.error("--prefill-rows must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     iters = args.iters or (3 if args.quick else 20)

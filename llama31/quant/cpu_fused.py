@@ -38,7 +38,7 @@ _INNER_K_TILES = 2  # a layout parameter of the conversion; the CPU op accepts a
 DEQUANTIZE_MIN_ROWS = 96
 # Weights rebuilt per block: 16 MiB of bf16, half a 32 MiB L3, so the matmul reads the block from the cache.
 # Smaller blocks lose more than they gain: 4 MiB blocks of the 8B's w2 (K = 14336) are 146 rows wide, a narrow
-# matmul that re-reads all of x per block (424 ms at 1024 rows against 322 ms; examples/bench_int4.py).
+# matmul that re-reads all of x per block (428 ms at 1024 rows against 323 ms; examples/bench_int4.py).
 BLOCK_WEIGHTS = 2**23
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the rebuild reads the int32 words as bytes
 
@@ -120,8 +120,8 @@ def _dequantize_rows(weight: CpuInt4Weight, start: int, rows: int, nibbles: torc
 
     Equal, bit for bit, to packing.dequantize(weight_packed, scale, zp, dtype=bf16) on those rows with the
     bf16 scale: u - (8 + zp) is a small integer (exact in bf16), so the product is rounded once, as there.
-    Each op writes into a buffer the caller reuses (a fresh 4 MiB tensor per op costs more in page faults
-    than the op itself).
+    Each op writes into a buffer the caller reuses (a fresh tensor of several MiB per op costs more in page
+    faults than the op itself).
     """
     k = out.shape[1]
     # Word j holds columns 8j .. 8j+7, least significant nibble first; read as little-endian bytes, byte b of
