@@ -10,7 +10,8 @@ from safetensors import safe_open
 from llama31 import ModelArgs, Transformer
 from llama31.checkpoints import save_hf
 from llama31.model.linear import Linear
-from llama31.quant import Int4Linear, from_compressed_tensors, parse_quantization_config, quantize_model, quantize_weight
+from llama31.quant import (Int4Linear, cpu_fused, from_compressed_tensors, parse_quantization_config, quantize_model,
+                           quantize_weight)
 from llama31.quant.checkpoint import quantize_checkpoint
 from llama31.quant.packing import dequantize
 
@@ -99,6 +100,41 @@ def test_int4_model_stays_close_to_the_float_model(reference_backend, capsys):
     assert kl_asym < 0.25 and top1_asym > 0.7
     # Smaller groups adapt the scale to fewer weights, so they must not be worse than g128.
     assert kl32 <= kl128 * 1.05
+
+
+@pytest.mark.skipif(not cpu_fused.is_available(32), reason=f"torch {torch.__version__} has no CPU int4 op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_default_path_matches_the_reference_to_bf16_arithmetic(dtype, monkeypatch, capsys):
+    # The CPU default computes every INT4 linear with bf16 activations, through torch's op for a decode step and
+    # with W rebuilt in bf16 for a prompt (4 x 64 = 256 rows here). Both differ from the exact fp32 reference
+    # only by bf16 roundings, so the whole model may differ from it by about as much as running the float
+    # model in bf16 differs from running it in fp32 (the yardstick, measured here on the same tokens), and no
+    # more: a wrong nibble, scale, block edge or route gives errors of the size of the logits themselves.
+    model = _float_model()
+    with torch.no_grad():
+        fp32 = model(TOKENS).double()
+        yardstick = _relative(_float_model().to(torch.bfloat16)(TOKENS).double(), fp32)
+    quantized = quantize_model(model.to(dtype), group_size=32)
+
+    def logits(backend, dequantize_min_rows=cpu_fused.DEQUANTIZE_MIN_ROWS):
+        monkeypatch.setattr(Int4Linear, "backend", backend)
+        monkeypatch.setattr(cpu_fused, "DEQUANTIZE_MIN_ROWS", dequantize_min_rows)
+        with torch.no_grad():
+            return quantized(TOKENS).double()
+
+    reference = logits("reference")
+    errors = {"default (W rebuilt in bf16)": _relative(logits("auto"), reference),
+              "torch's op for every row count": _relative(logits("auto", 10**9), reference)}
+    with capsys.disabled():
+        print(f"\nINT4 CPU paths vs the reference, {dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+              + f"; float model bf16 vs fp32 {yardstick:.1e}")
+    for route, error in errors.items():
+        assert error <= 1.5 * yardstick, f"{route}: {error:.2e} against bf16 arithmetic's {yardstick:.2e}"
+
+
+def _relative(a, b):
+    """mean |a - b| / mean |b|"""
+    return ((a - b).abs().mean() / b.abs().mean()).item()
 
 
 def test_quantize_checkpoint_writes_a_compressed_tensors_folder(tmp_path):
