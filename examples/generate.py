@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from llama31 import parallel
 from llama31.generation import Llama
+from llama31.quant import Int4Linear
 from llama31.text import StreamDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,7 +154,9 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = llama.model.checkpoint_info
-    print(f"model: {info['format']} checkpoint {info['path'] or ''} ({dtype}, {device})", file=sys.stderr)
+    n_int4 = sum(isinstance(module, Int4Linear) for module in llama.model.modules())
+    int4 = f", {n_int4} INT4 linears" if n_int4 else ""  # from --int4, or an INT4 checkpoint
+    print(f"model: {info['format']} checkpoint {info['path'] or ''} ({dtype}, {device}{int4})", file=sys.stderr)
 
     if args.prompt is not None:
         prompt_tokens = llama.tokenizer.encode(args.prompt, bos=True, eos=False)

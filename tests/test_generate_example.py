@@ -67,6 +67,29 @@ def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_fold
     assert f"[{len(ids)} prompt tokens, 10 generated" in result.stderr
 
 
+def test_int4_flag_quantizes_on_load_and_generates_what_the_library_does(real_vocab_folder):
+    # --int4 must reach Llama.build(int4_group_size=...): the CLI's greedy text equals the library's on the
+    # same INT4 model (whose accuracy tests/test_int4_model.py checks). The prompt is over 96 tokens, so its
+    # prefill takes the CPU path's dequantize-then-matmul route and the decode steps torch's int4 op.
+    from llama31 import Llama
+    from llama31.quant import Int4Linear
+
+    folder, _ = real_vocab_folder
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 11)
+    llama = Llama.build(folder, dtype=torch.float32, max_batch_size=1, int4_group_size=32)
+    assert sum(isinstance(m, Int4Linear) for m in llama.model.modules()) == 7 * llama.model.args.n_layers
+    tokens = llama.tokenizer.encode(prompt, bos=True, eos=False)
+    assert len(tokens) > 96
+    generated, _ = llama.generate([tokens], 8, temperature=0.0, stop_tokens=[llama.tokenizer.eos_id])
+    expected = prompt + llama.tokenizer.decode(generated[0])
+
+    result = run("--ckpt-dir", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8",
+                 "--int4", "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    assert f"{7 * llama.model.args.n_layers} INT4 linears" in result.stderr
+    assert result.stdout.rstrip("\n") == expected
+
+
 def test_interactive_chat_keeps_the_history(real_vocab_folder):
     folder, _ = real_vocab_folder
     result = run("--ckpt-dir", str(folder), "--chat", "--system", "Be brief.", "--max-new-tokens", "4",
