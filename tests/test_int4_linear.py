@@ -112,11 +112,11 @@ def test_cpu_block_rebuild_is_the_canonical_dequantization_in_bf16(n, k, g, zero
     weight = cpu_fused.repack(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, g)
     expected = dequantize(layer.weight_packed, layer.weight_scale.bfloat16(), layer.weight_zero_point,
                           dtype=torch.bfloat16)
-    nibbles = torch.empty(block_rows, k // 2, 2, dtype=torch.uint8)
     out = torch.full((block_rows, k), float("nan"), dtype=torch.bfloat16)  # every element must be written
+    pairs, high = torch.empty(block_rows, k // 2, dtype=torch.int16), torch.empty(block_rows, k // 2, dtype=torch.int16)
     for start in range(0, n, block_rows):
         rows = min(block_rows, n - start)
-        got = cpu_fused._dequantize_rows(weight, start, rows, nibbles[:rows], out[:rows])
+        got = cpu_fused._dequantize_rows(weight, start, out[:rows], pairs[:rows], high[:rows])
         assert torch.equal(got, expected[start:start + rows]), f"rows {start}..{start + rows - 1}"
 
 

@@ -16,8 +16,9 @@ The op is a matrix-vector kernel: its time grows with the rows as if each row we
 From ``DEQUANTIZE_MIN_ROWS`` rows on (a prompt, not a decode step), ``matmul`` takes the route the CUDA path
 takes above its GEMV: it rebuilds W in bf16, one block of output rows at a time (small enough that the block
 is still in the cache when the matmul reads it), and multiplies by oneDNN's bf16 matmul. Rebuilding costs about
-9 ms per 16.7 M weights, and the product runs at bf16 speed: 90 ms at 1024 rows, 0.84-0.90x bf16 on the 8B's
-shapes against the op's 0.40x (``python examples/bench_int4.py --no-model``). Those weights are the canonical
+5 ms per 16.7 M weights, and the product runs at bf16 speed: on the 8B's shapes, 0.84-0.92x bf16 at 1024 rows
+and 0.57-0.64x at 128, where the op runs at 0.41-0.44x (``python examples/bench_int4.py --no-model
+[--prefill-rows 128]``). Those weights are the canonical
 dequantization rounded to bf16 (relative 2**-9, like the activations): (q - zp) * scale needs up to 12
 significant bits and bf16 has 8, where the op keeps them exact. On a tiny bf16 model a prompt's logits then
 differ from the exact reference by 8e-3 (mean relative), about what bf16 arithmetic costs the float model
@@ -108,31 +109,34 @@ def _matmul_dequantized(x2: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor
     n, k = weight.weight_packed.shape[0], weight.weight_packed.shape[1] * 8
     block = max(1, min(n, BLOCK_WEIGHTS // k))
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    nibbles = torch.empty(block, k // 2, 2, dtype=torch.uint8)  # (rows, byte, low/high)
     w = torch.empty(block, k, dtype=torch.bfloat16)
+    pairs, high = torch.empty(block, k // 2, dtype=torch.int16), torch.empty(block, k // 2, dtype=torch.int16)
     for start in range(0, n, block):
         rows = min(block, n - start)
-        w_block = _dequantize_rows(weight, start, rows, nibbles[:rows], w[:rows])  # (rows, K)
+        w_block = _dequantize_rows(weight, start, w[:rows], pairs[:rows], high[:rows])  # (rows, K)
         y[:, start:start + rows] = x2 @ w_block.T  # (M, rows)
     return y
 
 
-def _dequantize_rows(weight: CpuInt4Weight, start: int, rows: int, nibbles: torch.Tensor,
-                     out: torch.Tensor) -> torch.Tensor:
-    """W[start:start + rows] = (u - (8 + zp)) * scale in bf16, written into out (rows, K) and returned.
+def _dequantize_rows(weight: CpuInt4Weight, start: int, out: torch.Tensor, pairs: torch.Tensor,
+                     high: torch.Tensor) -> torch.Tensor:
+    """Rows start .. start + len(out) - 1 of W, (u - (8 + zp)) * scale in bf16, written into out (rows, K).
 
     Equal, bit for bit, to packing.dequantize(weight_packed, scale, zp, dtype=bf16) on those rows with the
     bf16 scale: u - (8 + zp) is a small integer (exact in bf16), so the product is rounded once, as there.
-    Each op writes into a buffer the caller reuses (a fresh tensor of several MiB per op costs more in page
-    faults than the op itself).
+    pairs and high are int16 (rows, K/2) scratch. Every op writes into a buffer the caller reuses (a fresh
+    tensor of several MiB per op costs more in page faults than the op itself), and each runs over whole
+    contiguous tensors (writing the two nibbles of a byte to alternate elements took 2.5x as long).
     """
-    k = out.shape[1]
+    rows, k = out.shape
     # Word j holds columns 8j .. 8j+7, least significant nibble first; read as little-endian bytes, byte b of
-    # a row holds column 2b in its low nibble and column 2b + 1 in its high one.
+    # a row holds column 2b in its low nibble and column 2b + 1 in its high one. Moving the high nibble up into
+    # the second byte of an int16, lo | hi << 8, puts u in column order when those int16 are read as bytes.
     as_bytes = weight.weight_packed[start:start + rows].view(torch.uint8)  # (rows, K/2)
-    torch.bitwise_and(as_bytes, 0xF, out=nibbles[..., 0])
-    torch.bitwise_right_shift(as_bytes, 4, out=nibbles[..., 1])
-    out.copy_(nibbles.view(rows, k))  # u, 0..15, as bf16
+    pairs.copy_(as_bytes)  # (rows, K/2): hi << 4 | lo
+    torch.bitwise_and(pairs, 0xF0, out=high).bitwise_left_shift_(4)  # hi << 8
+    pairs.bitwise_and_(0xF).bitwise_or_(high)  # hi << 8 | lo
+    out.copy_(pairs.view(torch.uint8).view(rows, k))  # u, 0..15, as bf16
     groups = out.view(rows, weight.scale.shape[1], -1)  # (rows, K/g, g)
     groups.sub_(weight.offset[start:start + rows, :, None]).mul_(weight.scale[start:start + rows, :, None])
     return out
