@@ -18,9 +18,9 @@ takes above its GEMV: it rebuilds W in bf16, one block of output rows at a time 
 is still in the cache when the matmul reads it), and multiplies by oneDNN's bf16 matmul. Rebuilding costs about
 5 ms per 16.7 M weights, and the product runs at bf16 speed: on the 8B's shapes, 0.84-0.92x bf16 at 1024 rows
 and 0.57-0.64x at 128, where the op runs at 0.41-0.44x (``python examples/bench_int4.py --no-model
-[--prefill-rows 128]``). Those weights are the canonical
-dequantization rounded to bf16 (relative 2**-9, like the activations): (q - zp) * scale needs up to 12
-significant bits and bf16 has 8, where the op keeps them exact. On a tiny bf16 model a prompt's logits then
+[--prefill-rows 128]``). Those weights are the canonical dequantization rounded to bf16 (relative 2**-9,
+like the activations): (q - zp) * scale needs up to 12 significant bits and bf16 has 8, where the op keeps
+them exact. On a tiny bf16 model a prompt's logits then
 differ from the exact reference by 8e-3 (mean relative), about what bf16 arithmetic costs the float model
 (8.5e-3), against 3e-4 through the op; both are far below INT4's own error (tests/test_int4_model.py).
 """
