@@ -3,6 +3,7 @@
     python examples/bench_gemv.py                       the 1B model's shapes (and fused ones), 768 MiB per shape
     python examples/bench_gemv.py --dtype bf16          the same in bfloat16
     python examples/bench_gemv.py --quick               seconds: small shapes, 32 MiB (used by the tests)
+    python examples/bench_gemv.py --inductor            also inductor's own kernels (compiles each shape first)
     THP_MEM_ALLOC_ENABLE=1 python examples/bench_gemv.py    the same with 2 MiB pages (a torch setting)
 
 Decoding one token multiplies one row by every weight matrix, y = W x, so it can go no faster than the weights
@@ -15,6 +16,9 @@ close each available kernel comes, shape by shape. For each shape it builds enou
                   fp32 only)
   F.linear        what HF transformers and llama31 with pack=False run
   torch.mv        the plain BLAS matrix-vector product
+  inductor        (--inductor) the copies as one module under torch.compile with the options of
+                  llama31/compiled.py (frozen weights, max-autotune: inductor's C++ GEMM kernels timed against
+                  ATen's), what Llama(compile=True) and generate.py --compile decode with
 
 Each kernel's walk is bracketed by two walks of amax over the same plain matrices, their bytes read as float32
 (a reduction: a plain read of the same bytes, in the same order); the kernel is reported as GB/s and as a
@@ -49,8 +53,22 @@ SHAPES = [  # (name, out_features, in_features) of the Llama 3.2 1B shape
 QUICK_SHAPES = [("256x512", 256, 512), ("512x256", 512, 256)]
 
 
-def kernels(weights: list[torch.Tensor]) -> dict:
-    """name -> (one callable per matrix computing W x). Kernels this torch lacks are left out."""
+class AllOf(torch.nn.Module):
+    """Every copy as a bias-free linear layer of one module, so that one compiled graph walks them all."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+                                          for w in weights)
+        for layer, w in zip(self.layers, weights):
+            layer.weight = torch.nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        return [layer(x) for layer in self.layers]
+
+
+def kernels(weights: list[torch.Tensor], inductor: bool = False) -> dict:
+    """name -> (callables computing W x for every matrix, in order). Kernels this torch lacks are left out."""
     x = torch.randn(1, weights[0].shape[1], dtype=weights[0].dtype)
     out = {"F.linear": [lambda w=w: F.linear(x, w) for w in weights],
            "torch.mv": [lambda w=w: torch.mv(w, x[0]) for w in weights]}
@@ -67,6 +85,11 @@ def kernels(weights: list[torch.Tensor]) -> dict:
         mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, 1) for w in weights]
         out["MKL packed"] = [lambda w=w, m=m: torch.ops.mkl._mkl_linear(x, m, w, None, 1)
                              for w, m in zip(weights, mkl)]
+    if inductor:
+        from llama31.compiled import INDUCTOR_OPTIONS
+
+        compiled = torch.compile(AllOf(weights).eval(), options=INDUCTOR_OPTIONS)
+        out["inductor"] = [lambda: compiled(x)]  # compiled (and autotuned) in the first, uncounted round
     return out
 
 
@@ -79,7 +102,8 @@ def walk(calls) -> float:
 
 
 @torch.inference_mode()
-def bench_shape(n: int, k: int, megabytes: int, reps: int, dtype: torch.dtype = torch.float32) -> dict:
+def bench_shape(n: int, k: int, megabytes: int, reps: int, dtype: torch.dtype = torch.float32,
+                inductor: bool = False) -> dict:
     element = torch.finfo(dtype).bits // 8
     copies = max(1, megabytes * 2**20 // (n * k * element))
     g = torch.Generator().manual_seed(0)
@@ -89,7 +113,7 @@ def bench_shape(n: int, k: int, megabytes: int, reps: int, dtype: torch.dtype = 
     # The bytes read as float32 whatever the dtype: fp32 amax is the fastest plain read here (46 GB/s where int32
     # amax reaches 39 and a bf16 amax, which converts every value, about 19).
     reads = [w.view(torch.float32).amax for w in weights]
-    found = kernels(weights)
+    found = kernels(weights, inductor)
     huge = huge_page_mib()  # with THP_MEM_ALLOC_ENABLE=1, the weights and their packed copies
     rates = {name: [] for name in found}
     fractions = {name: [] for name in found}
@@ -126,6 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5; medians are reported)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight and input dtype")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--inductor", action="store_true", help="also time inductor's kernels (torch.compile with "
+                                                                "llama31/compiled.py's options; compiles each shape)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -139,7 +165,7 @@ def main(argv=None) -> int:
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "shapes": {}}
     print(f"{'shape':<26} {'kernel':<14} {'GB/s':>6} {'of read':>8}")
     for name, n, k in (QUICK_SHAPES if args.quick else SHAPES):
-        shape = bench_shape(n, k, megabytes, args.reps, dtype)
+        shape = bench_shape(n, k, megabytes, args.reps, dtype, args.inductor)
         results["shapes"][name] = shape
         for kernel, r in sorted(shape["kernels"].items(), key=lambda item: -item[1]["GBps"]):
             print(f"{name:<26} {kernel:<14} {r['GBps']:>6.1f} {r['fraction_of_read']:>8.0%}", flush=True)

@@ -8,7 +8,9 @@ What it does
   * Builds a random Llama 3.1-architecture model of --preset (weights ~ N(0, 0.02) from a fixed seed, bf16)
     and saves it ONCE as an HF folder under --cache-dir; later runs reuse it. Both engines load that folder:
     llama31 with Transformer.from_pretrained (which on a CPU packs the linear weights for oneDNN, as users get
-    it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains),
+    it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains;
+    llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
+    llama31/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
     HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31
     only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations.
   * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
@@ -63,9 +65,9 @@ from llama31.model.linear import Linear, packing_supported
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
-# llama31-plain: pack=False, F.linear on plain weights (what the packing gains); hf: transformers.
-# (torch.compile is measured apart, by examples/bench_compile.py: it recompiles for every new KV cache.)
-ENGINES = ("llama31", "llama31-plain", "hf")
+# llama31-plain: pack=False, F.linear on plain weights (what the packing gains); llama31-compile: batch-1 decode
+# steps compiled (llama31/compiled.py; a second copy of the weights: run it with few other engines); hf: transformers.
+ENGINES = ("llama31", "llama31-plain", "llama31-compile", "hf")
 DEFAULT_ENGINES = ["llama31", "hf"]
 
 PRESETS = {
@@ -175,7 +177,7 @@ def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
 
 
 class Llama31Engine:
-    def __init__(self, folder: Path, dtype: str, pack: bool = True):
+    def __init__(self, folder: Path, dtype: str, pack: bool = True, compile: bool = False):
         from llama31.generation import Llama
         from llama31.model import Transformer
         from llama31.text import Tokenizer
@@ -183,7 +185,7 @@ class Llama31Engine:
         tokenizer = Tokenizer()  # only for Llama's pad id; loaded before the baseline RSS is taken
         self.baseline = take_baseline_rss()
         # as users load it: from_pretrained packs the large linear weights on a CPU (pack=None), or not (False)
-        pack_option = None if pack else False
+        pack_option = None if pack and not compile else False
         if dtype == "int4":  # as Llama.build(int4_group_size=...) does: quantize the float model, then pack
             from llama31.checkpoints.load import pack_as_asked
             from llama31.quant import quantize_model
@@ -196,7 +198,8 @@ class Llama31Engine:
             model = Transformer.from_pretrained(folder, dtype=DTYPES[dtype], pack=pack_option)
         model.eval()
         self.model, self.vocab = model, model.args.vocab_size
-        self.llama = Llama(model, tokenizer, max_batch_size=64)
+        self.llama = Llama(model, tokenizer, max_batch_size=64, compile=compile)
+        self.forward = self.llama.decoder  # the model, or with compile the model with compiled one-token steps
 
     def weight_bytes(self) -> int:
         """Bytes read per decode step for the weights: every parameter and buffer of every module but the
@@ -215,26 +218,27 @@ class Llama31Engine:
     @torch.inference_mode()
     def decode(self, batch: int, prompt_len: int, steps: int) -> dict:
         tokens = prompt(batch, prompt_len, self.vocab)
-        self.model.setup_cache(batch, prompt_len + steps)
-        next_token = self.model(tokens, 0, last_only=True)[:, -1].argmax(-1)  # (bs,)
+        self.forward.setup_cache(batch, prompt_len + steps)
+        next_token = self.forward(tokens, 0, last_only=True)[:, -1].argmax(-1)  # (bs,)
         generated, times = [next_token], []
         for pos in range(prompt_len, prompt_len + steps):
             start = time.perf_counter()
-            next_token = self.model(next_token[:, None], pos, last_only=True)[:, -1].argmax(-1)
+            next_token = self.forward(next_token[:, None], pos, last_only=True)[:, -1].argmax(-1)
             times.append(time.perf_counter() - start)
             generated.append(next_token)
-        self.model.clear_cache()
+        self.forward.clear_cache()
         return {"seconds": sum(times), "step_ms": 1e3 * statistics.median(times),
-                "tokens": torch.stack(generated, 1)[0].tolist()}
+                "tokens": torch.stack(generated, 1)[0].tolist(),
+                "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
     @torch.inference_mode()
     def prefill(self, length: int) -> dict:
         tokens = prompt(1, length, self.vocab)
-        self.model.setup_cache(1, length)
+        self.forward.setup_cache(1, length)
         start = time.perf_counter()
-        self.model(tokens, 0, last_only=True)
+        self.forward(tokens, 0, last_only=True)
         seconds = time.perf_counter() - start
-        self.model.clear_cache()
+        self.forward.clear_cache()
         return {"seconds": seconds}
 
     def ttft(self, length: int) -> dict:
@@ -324,7 +328,7 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
         if engine == "hf":
             runner = HFEngine(Path(folder), dtype)
         else:
-            runner = Llama31Engine(Path(folder), dtype, pack=engine == "llama31")
+            runner = Llama31Engine(Path(folder), dtype, pack=engine == "llama31", compile=engine == "llama31-compile")
         gc.collect()
         conn.send({"baseline_rss": runner.baseline, "loaded_rss": rss(), "load_peak_rss": peak_rss(),
                    "weight_bytes": runner.weight_bytes()})
@@ -438,6 +442,16 @@ def kv_bytes_per_step(args: ModelArgs, dtype: str, batch: int, context: float) -
     return batch * args.n_layers * 2 * args.n_kv_heads * args.head_dim * context * element
 
 
+def warm_up(w: Worker, opts) -> None:
+    """Not recorded: first calls pay one-time kernel and allocator set-up (and llama31-compile compiles at
+    batch 1). Weights read from a safetensors file of the same dtype stay file-backed (mmap) and count in RSS
+    only once touched: the steady state is after the warm-up, not right after loading."""
+    for batch in sorted(set(opts.batch_sizes)):
+        w.run("decode", batch=batch, prompt_len=opts.decode_prompt, steps=2)
+    w.run("prefill", length=min(opts.prefill_lens))
+    w.info["steady_rss"] = w.run("rss")["rss"]
+
+
 def run_benchmark(opts) -> dict:
     args = PRESETS[opts.preset]
     folder = model_folder(opts.preset, Path(opts.cache_dir).expanduser())
@@ -461,16 +475,17 @@ def run_benchmark(opts) -> dict:
     int4_worker = Worker("llama31", "int4", folder, opts.threads) if int4 else None
     try:
         for round_configs in configs_rounds:
-            workers = [Worker(e, d, folder, opts.threads) for e, d in round_configs]
-            if int4_worker:
-                workers.append(int4_worker)
+            workers = []
             try:
-                for w in workers:  # warm-up, not recorded: first calls pay one-time kernel and allocator set-up
-                    w.run("decode", batch=max(opts.batch_sizes), prompt_len=opts.decode_prompt, steps=2)
-                    w.run("prefill", length=min(opts.prefill_lens))
-                    # weights read from a safetensors file of the same dtype stay file-backed (mmap) and count in
-                    # RSS only once touched: the steady state is after the warm-up, not right after loading
-                    w.info.setdefault("steady_rss", w.run("rss")["rss"])
+                # each worker warms up as soon as it is loaded, before the next one loads: llama31-compile's
+                # compile needs about 3x its weights for a while (1B fp32: 16 GB), only once its own
+                for e, d in round_configs:
+                    workers.append(Worker(e, d, folder, opts.threads))
+                    warm_up(workers[-1], opts)
+                if int4_worker:
+                    if "steady_rss" not in int4_worker.info:
+                        warm_up(int4_worker, opts)
+                    workers.append(int4_worker)
                 for w in workers:
                     results.setdefault(w.name, {"memory": w.info, "runs": {}, "rounds": []})
                     results[w.name]["rounds"].append(round_configs[0][1] if round_configs else "int4")
@@ -552,20 +567,23 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                   for r in results[a]["runs"][key] if (r["round"], r["rep"]) in by_rep]
         return statistics.median(ratios) if ratios else None
 
-    pairs = [(f"{e} {d}", f"hf {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-plain")]
+    pairs = [(f"{e} {d}", f"hf {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-plain", "llama31-compile")]
     pairs += [(f"llama31 {d}", f"llama31-plain {d}") for d in ("fp32", "bf16")]
+    pairs += [(f"llama31-compile {d}", f"llama31 {d}") for d in ("fp32", "bf16")]
     pairs += [("llama31 int4", f"hf {d}") for d in ("fp32", "bf16")]
     for a, b in pairs:
         ratios = {key: paired(a, b, key) for key, *_ in ops}
         if any(v is not None for v in ratios.values()):
             summary["ratios"][f"{a} / {b}"] = ratios
     for d in ("fp32", "bf16"):
-        ours, theirs = results.get(f"llama31 {d}"), results.get(f"hf {d}")
-        if ours and theirs:
-            for key in [k for k, *_ in ops if k.startswith("decode")] + ["generate_b1"]:
-                a, b = ours["runs"][key][0]["tokens"], theirs["runs"][key][0]["tokens"]
-                same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                summary["greedy_agreement"][f"{d} {key}"] = f"{same}/{len(a)} tokens equal before the first difference"
+        for engine in ("llama31", "llama31-compile"):
+            ours, theirs = results.get(f"{engine} {d}"), results.get(f"hf {d}")
+            if ours and theirs:
+                for key in [k for k, *_ in ops if k.startswith("decode")] + ["generate_b1"]:
+                    a, b = ours["runs"][key][0]["tokens"], theirs["runs"][key][0]["tokens"]
+                    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                    summary["greedy_agreement"][f"{engine} {d} {key}"] = \
+                        f"{same}/{len(a)} tokens equal before the first difference"
     summary["bandwidth"] = bw
     summary["machine"] = {"threads": opts.threads, "torch": torch.__version__, "python": platform.python_version(),
                           "cpu": _cpu_name(), "cores_visible": os.cpu_count()}
@@ -705,7 +723,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "llama31.quant; default all three)")
     parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
                         help="comma-separated, from: llama31 (as from_pretrained loads it: packed weights on a CPU), "
-                             "llama31-plain (pack=False: F.linear), hf (default: llama31,hf)")
+                             "llama31-plain (pack=False: F.linear), llama31-compile (batch-1 decode steps through "
+                             "torch.compile: llama31/compiled.py), hf (default: llama31,hf)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch threads in every engine (default {torch.get_num_threads()})")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")

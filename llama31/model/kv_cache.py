@@ -7,20 +7,22 @@ the caller asks for (not always to the model's 128K maximum: 8B at 128K tokens i
 
 Layout per layer: k and v are (max_batch_size, n_kv_heads, max_seq_len, head_dim), so that the keys of
 positions 0 .. T-1 are the contiguous slice [:, :, :T] that attention multiplies with directly.
+
+It is a plain object, not an nn.Module: it is per-request state, not part of the model (not in state dicts,
+not moved by model.to: Transformer.setup_cache allocates it where the weights are). That also lets a compiled
+decode step (llama31/compiled.py) take it as an input of any length, where torch.compile treats the tensors of
+a module as fixed parts of the graph.
 """
 
 import torch
-from torch import nn
 
 
-class KVCache(nn.Module):
+class KVCache:
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype, device=None):
-        super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        # buffers, so that model.to(device) moves the cache with the model; not saved in state dicts
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def max_batch_size(self) -> int:

@@ -1,0 +1,93 @@
+"""Compiled decode steps (llama31/compiled.py) against HF transformers, and what compiling must not change.
+
+The compiled step is the model's own function computed by inductor's kernels: float32 additions in another
+order, so the tolerance is that of every HF parity test (1e-4 max abs on logits, tests/test_hf_parity.py).
+Each compile autotunes every weight shape (tens of seconds on 2 cores), so one compiled model serves the
+float32 tests.
+"""
+
+import pytest
+import torch
+
+from conftest import hf_model
+from llama31 import Llama, Transformer
+from llama31.compiled import CompiledDecoder
+from llama31.text import Tokenizer
+
+TOL = 1e-4
+
+
+def hf_greedy(hf, prompt, max_new_tokens):
+    """HF generate(do_sample=False): the new ids and the logits of each step."""
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits, dim=1)[0]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(Llama with compile=True on a tiny HF model loaded with pack=False, the HF model); dynamo reset around."""
+    torch._dynamo.reset()
+    hf = hf_model(seed=41, num_attention_heads=8, num_key_value_heads=2, hidden_size=128)
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    llama = Llama(Transformer.from_pretrained(folder, pack=False), Tokenizer(), compile=True)
+    yield llama, hf
+    torch._dynamo.reset()
+
+
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_steps_give_hf_logits_at_every_position(compiled):
+    llama, hf = compiled
+    tokens = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits[0, 20:]
+    decoder = llama.decoder
+    assert isinstance(decoder, CompiledDecoder)
+    before = graphs_compiled()
+    with torch.inference_mode():
+        decoder.setup_cache(1, 64)
+        decoder(tokens[:, :20], 0)  # the prompt: eager
+        # compiled; contiguous (1, 1) tensors here, views into a longer row in Llama.generate (next test)
+        steps = [decoder(tokens[0, i].reshape(1, 1), i, last_only=True)[0, 0] for i in range(20, 60)]
+        decoder.clear_cache()
+    assert graphs_compiled() == before + 1  # one graph for all 40 positions
+    err = (torch.stack(steps) - expected).abs().max().item()
+    print(f"compiled decode steps: max abs logit error vs HF {err:.2e}")
+    assert err <= TOL
+
+
+def test_compiled_greedy_generation_equals_hf_and_new_requests_reuse_the_graph(compiled):
+    llama, hf = compiled
+    g = torch.Generator().manual_seed(2)
+    for length, new in ((17, 30), (41, 12), (5, 25)):  # each request has a KV cache of another length
+        prompt = torch.randint(0, 320, (length,), generator=g).tolist()
+        # compiled at most once in this module: any further compile (a new cache size) is an error here
+        with torch._dynamo.config.patch(error_on_recompile=graphs_compiled() > 0):
+            tokens, logprobs = llama.generate([prompt], max_gen_len=new, temperature=0, logprobs=True,
+                                              stop_tokens=[])
+        expected, logits = hf_greedy(hf, prompt, new)
+        assert tokens[0] == expected
+        hf_logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(expected)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(logprobs[0]), hf_logprobs, rtol=0, atol=TOL)
+    assert graphs_compiled() == 1
+
+
+def test_what_cannot_be_compiled_is_refused_by_name(hf_folder):
+    folder, _ = hf_folder(seed=3, intermediate_size=256)
+    with pytest.raises(ValueError, match="packed for oneDNN; load it with pack=False"):
+        CompiledDecoder(Transformer.from_pretrained(folder, pack=True))
+    from llama31.quant import quantize_model
+
+    int4 = quantize_model(Transformer.from_pretrained(folder, pack=False), group_size=32)
+    with pytest.raises(ValueError, match="it has Int4Linear layers"):
+        CompiledDecoder(int4)
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        CompiledDecoder(Transformer.from_pretrained(folder, dtype=torch.float16, pack=False))
+    with pytest.raises(ValueError, match="compile=True needs plain weights"):
+        Llama.build(None, compile=True, pack=True)
