@@ -6,9 +6,10 @@ has for that product, oneDNN's on packed weights (llama31/model/linear.py), stre
 of a plain read of the same bytes on a 2-core EPYC, and bfloat16 at 49-73% (its bf16 kernel is bound by
 arithmetic). With max-autotune and frozen weights, inductor also generates C++ kernels of its own for each
 weight shape (AVX-512 micro-kernels; AVX512-BF16 for bf16), times them against the ATen kernel once, and keeps
-the faster: on that machine they stream 96-101% of a read in float32 (examples/bench_compile.py). A compiled
-step of the 3.2-1B shape is 1.16x faster than the packed eager one in float32 and 1.8x in bfloat16, at 98%
-and 89% of the roofline (examples/benchmark.py --engines llama31,llama31-compile,hf measures it side by side).
+the faster (examples/bench_gemv.py --inductor compares the kernels). Decoding the 3.2-1B shape one token at a
+time is 1.4x faster than with the packed eager model in float32 and 1.7x in bfloat16, at 84-85% and 72% of
+the roofline where the eager model reaches 61% and 41% (examples/benchmark.py --engines
+llama31-compile,llama31 measures them side by side; README.md, Speed).
 
     decoder = CompiledDecoder(model)             # model: float32 or bfloat16, on the CPU, NOT packed
     decoder.setup_cache(1, max_seq_len)          # as model.setup_cache
@@ -18,6 +19,7 @@ and 89% of the roofline (examples/benchmark.py --engines llama31,llama31-compile
 What it costs, all measured on the 1B shape:
   * Memory: a second copy of the weights. Freezing folds each weight into the compiled step as a constant,
     re-laid out for its kernel; the model keeps its plain weights for the prompts (prefill), which run eagerly.
+  * Memory while compiling: about 3x the weights (16 GB for 1B in float32), for the length of the compile.
   * Time: the first step compiles (about a minute for 1B, mostly autotuning; inductor keeps its kernels and
     timings on disk, under /tmp/torchinductor_$USER, so later processes compile in seconds). A C++ compiler
     must be installed (inductor calls g++).
