@@ -94,11 +94,14 @@ def stream_reply(llama: Llama, prompt_tokens: list[int], args) -> tuple[list[int
     stop_tokens = llama.tokenizer.stop_tokens if args.prompt is None else {llama.tokenizer.eos_id}
     generated, stop_reason = [], "length"
     start = time.perf_counter()
-    first = None
+    first = second = None  # when the first and the second step came (the second one compiles with --compile)
     for step in llama.stream([prompt_tokens], args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, stop_tokens=sorted(stop_tokens),
                              prefill_chunk=args.prefill_chunk):
-        first = first or time.perf_counter()
+        if first is None:
+            first = time.perf_counter()
+        elif second is None:
+            second = time.perf_counter()
         if not step.generated[0]:
             continue
         token = step.tokens[0]
@@ -110,10 +113,12 @@ def stream_reply(llama: Llama, prompt_tokens: list[int], args) -> tuple[list[int
     print(decoder.finish(), flush=True)
     end = time.perf_counter()
     prefill_s = first - start
-    decode_s = end - first
+    decode = f"decode {max(len(generated) - 1, 0) / max(end - first, 1e-9):.1f} tok/s"
+    if args.compile and second is not None and len(generated) > 2:  # leave the compiling step out
+        decode = (f"decode {(len(generated) - 2) / max(end - second, 1e-9):.1f} tok/s after the first step, "
+                  f"which compiled: {second - first:.1f} s")
     print(f"\n[{len(prompt_tokens)} prompt tokens, {len(generated)} generated, stop: {stop_reason}; "
-          f"prefill {len(prompt_tokens) / prefill_s:.1f} tok/s, "
-          f"decode {max(len(generated) - 1, 0) / max(decode_s, 1e-9):.1f} tok/s]", file=sys.stderr, flush=True)
+          f"prefill {len(prompt_tokens) / prefill_s:.1f} tok/s, {decode}]", file=sys.stderr, flush=True)
     return generated, stop_reason
 
 

@@ -43,9 +43,11 @@ from llama31.model.norm import RMSNorm
 from llama31.model.rope import RotaryEmbedding
 
 # inductor settings of the compiled step: weights folded in as constants (what lets inductor re-lay them out for
-# its kernels), and its own C++ GEMM kernels timed against ATen's for every weight shape. Applied around each
-# call (torch.compile's options= does not reach the freezing pass), so nothing changes for other compiled code.
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# its kernels), and its own C++ GEMM kernels timed against ATen's for every weight shape, without printing each
+# timing. Applied around each call (torch.compile's options= does not reach the freezing pass), so nothing
+# changes for other compiled code.
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def compile_unsupported(model: Transformer) -> str | None:
