@@ -22,7 +22,10 @@ What it costs, all measured on the 1B shape:
   * Memory while compiling: about 3x the weights (16 GB for 1B in float32), for the length of the compile.
   * Time: the first step compiles (about a minute for 1B, mostly autotuning; inductor keeps its kernels and
     timings on disk, under /tmp/torchinductor_$USER, so later processes compile in seconds). A C++ compiler
-    must be installed (inductor calls g++).
+    must be installed (inductor calls g++). Autotuning times the kernels on the machine as it is at that
+    moment: compiled while other processes loaded both cores, a 1B step once kept ATen's MKL kernel for 4 of
+    every layer's 7 matrices, and that choice stays in the disk cache; compile on a quiet machine (delete
+    the cache to tune again).
   * Scope: only one sequence's one-token steps are compiled. Prompts and batches of several sequences run the
     model eagerly (plain F.linear, no packing): each further graph would hold a further copy of the weights.
   * The weights are frozen at the first step: changes made to them afterwards are not seen. Build a new
