@@ -542,6 +542,9 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                  "rss_peak_load_MiB": (mem["load_peak_rss"] - mem["baseline_rss"]) / 2**20,
                  "rss_peak_run_MiB": (peak_rss - mem["baseline_rss"]) / 2**20, "rss_peak_during": peak_op,
                  "ops": {}}
+        if name.startswith("llama31-compile"):  # one graph (one copy of the weights) for every batch-1 step
+            entry["graphs_compiled"] = max(r["graphs_compiled"] for key, runs in res["runs"].items()
+                                           if key.startswith("decode") for r in runs)
         for key, *_ in ops:
             values = [tokens_per_second(key, r, opts) for r in res["runs"][key]]
             op = {"median": statistics.median(values), "values": values,

@@ -43,6 +43,18 @@ def hf_model(seed=0, **overrides):
     return model
 
 
+def hf_greedy(hf, prompts, max_new_tokens):
+    """HF generate(do_sample=False) with left padding and its attention mask; returns new ids and logits."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens, pad_token_id=0, output_logits=True,
+                          return_dict_in_generate=True)
+    return out.sequences[:, width:].tolist(), torch.stack(out.logits, dim=1)  # (bs, new, vocab)
+
+
 @pytest.fixture
 def hf_folder(tmp_path):
     """Factory: save a tiny HF model to a fresh folder; returns (folder, hf_model)."""

@@ -31,6 +31,7 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     for engine in ("llama31", "llama31-compile"):
         assert report["greedy_agreement"][f"{engine} fp32 decode_b1"] == "4/4 tokens equal before the first difference"
     assert {"llama31 fp32 / hf fp32", "llama31-compile fp32 / llama31 fp32"} <= set(report["ratios"])
+    assert report["configs"]["llama31-compile fp32"]["graphs_compiled"] == 1  # one graph for every batch-1 step (batch 2 runs eagerly)
     assert "decode b1" in result.stdout and "paired ratios" in result.stdout
     # INT4 runs when llama31.quant exists, and is reported as skipped when it does not
     assert ("llama31 int4" in report["configs"]) != ("INT4 skipped" in result.stderr)

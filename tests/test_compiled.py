@@ -9,21 +9,12 @@ float32 tests.
 import pytest
 import torch
 
-from conftest import hf_model
+from conftest import hf_greedy, hf_model
 from llama31 import Llama, Transformer
 from llama31.compiled import CompiledDecoder
 from llama31.text import Tokenizer
 
 TOL = 1e-4
-
-
-def hf_greedy(hf, prompt, max_new_tokens):
-    """HF generate(do_sample=False): the new ids and the logits of each step."""
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits, dim=1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def test_compiled_greedy_generation_equals_hf_and_new_requests_reuse_the_graph(c
         with torch._dynamo.config.patch(error_on_recompile=graphs_compiled() > 0):
             tokens, logprobs = llama.generate([prompt], max_gen_len=new, temperature=0, logprobs=True,
                                               stop_tokens=[])
-        expected, logits = hf_greedy(hf, prompt, new)
+        (expected,), (logits,) = hf_greedy(hf, [prompt], new)
         assert tokens[0] == expected
         hf_logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(expected)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(logprobs[0]), hf_logprobs, rtol=0, atol=TOL)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import hf_greedy
 from llama31 import Transformer
 from llama31.generation import Llama
 from llama31.sampling import sample, top_p_filter
@@ -20,18 +21,6 @@ def tiny(hf_folder, tokenizer):
     """A tiny random model (vocab 320) wrapped in Llama; prompts are raw ids, stop tokens given explicitly."""
     folder, hf = hf_folder(seed=41, num_attention_heads=8, num_key_value_heads=2, hidden_size=128)
     return Llama(Transformer.from_pretrained(folder), tokenizer), hf
-
-
-def hf_greedy(hf, prompts, max_new_tokens):
-    """HF generate(do_sample=False) with left padding and its attention mask; returns new ids and logits."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                          min_new_tokens=max_new_tokens, pad_token_id=0, output_logits=True,
-                          return_dict_in_generate=True)
-    return out.sequences[:, width:].tolist(), torch.stack(out.logits, dim=1)  # (bs, new, vocab)
 
 
 def test_greedy_equals_hf_generate_token_for_token(tiny):
