@@ -2,6 +2,7 @@
 
     python examples/bench_compile.py                      # the benchmark's 3.2-1B-shaped random model, fp32 + bf16
     python examples/bench_compile.py --preset tiny        # where Python overhead dominates
+    python examples/bench_compile.py --layers 8 --against '{"pattern_matcher": true}'   # inductor settings, A/B
 
 Loads the random model that examples/benchmark.py saves (same --preset, --cache-dir) three ways, in this
 process, one after the other:
@@ -13,11 +14,19 @@ process, one after the other:
 and times --steps single-token decode steps after a --prompt-token prefill. Reports the compile time (the
 first two steps: autotuning included unless inductor's disk cache already has the kernels), the median step,
 and the speed-up of the compiled step over the eager packed one.
+
+--against JSON measures inductor settings instead: two copies of the model, one compiled with the settings of
+llama31/compiled.py (INDUCTOR_OPTIONS) and one with those replaced by JSON, their steps alternated (--reps
+repetitions of --steps steps each, the memory bandwidth read before and after each), and reports the median
+ratio of the paired step times and each one's fraction of the read bandwidth (as examples/benchmark.py). Pairing
+matters on a shared VM: its bandwidth moves by 2x from one minute to the next, more than most settings change.
+--layers N keeps the first N layers (two compiled copies of the 1B shape need ~4x its 5 GB of weights in fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import DTYPES, PRESETS, model_folder  # noqa: E402  (the same random model and cache folder)
+from benchmark import DTYPES, PRESETS, model_folder, read_bandwidth  # noqa: E402  (the same model and cache)
 
 from llama31 import Transformer  # noqa: E402
 from llama31.compiled import CompiledDecoder  # noqa: E402
@@ -35,7 +44,7 @@ from llama31.compiled import CompiledDecoder  # noqa: E402
 @torch.inference_mode()
 def time_decode(model, step, prompt_len: int, steps: int, vocab: int) -> tuple[float, float]:
     """(seconds of the first two steps, median seconds of the next `steps`), one cache for all of them."""
-    model.setup_cache(1, prompt_len + steps + 2)
+    step.setup_cache(1, prompt_len + steps + 2)  # CompiledDecoder's: a spare position, or the last step recompiles
     tokens = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     token = model(tokens, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     start = time.perf_counter()
@@ -47,8 +56,49 @@ def time_decode(model, step, prompt_len: int, steps: int, vocab: int) -> tuple[f
         start = time.perf_counter()
         token = step(token, pos, last_only=True)[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - start)
-    model.clear_cache()
+    step.clear_cache()
     return first, statistics.median(times)
+
+
+@torch.inference_mode()
+def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, against: dict, reps: int,
+                    steps: int) -> None:
+    """Paired A/B of INDUCTOR_OPTIONS (A) against them with `against` replaced (B); see the module doc."""
+    decoders = []
+    for options in ({}, against):
+        model = Transformer.from_pretrained(folder, dtype=dtype, pack=False).eval()
+        if layers:
+            model.layers = model.layers[:layers]
+        decoder = CompiledDecoder(model, options)  # another model object: dynamo compiles it separately
+        decoder.setup_cache(1, 2 + reps * steps)
+        start = time.perf_counter()
+        token = torch.zeros(1, 1, dtype=torch.long)
+        for pos in range(2):  # the compile (and autotuning), not recorded
+            token = decoder(token, pos, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        print(f"{'A' if not options else 'B'}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+        decoders.append(decoder)
+    weight_bytes = sum(p.numel() * p.element_size() for p in decoders[0].model.parameters())
+    ratios, fractions = [], ([], [])
+    pos = 2
+    for _ in range(reps):
+        before = read_bandwidth(3)
+        medians = []
+        for decoder in decoders:
+            token, times = torch.zeros(1, 1, dtype=torch.long), []
+            for i in range(steps):
+                start = time.perf_counter()
+                token = decoder(token, pos + i, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                times.append(time.perf_counter() - start)
+            medians.append(statistics.median(times))
+        pos += steps
+        read = (before + read_bandwidth(3)) / 2
+        for f, m in zip(fractions, medians):
+            f.append(weight_bytes / m / 1e9 / read)
+        ratios.append(medians[0] / medians[1])
+        print(f"read {read:5.1f} GB/s   A {1e3 * medians[0]:7.2f} ms {100 * fractions[0][-1]:4.0f}%   "
+              f"B {1e3 * medians[1]:7.2f} ms {100 * fractions[1][-1]:4.0f}%   A/B {ratios[-1]:.3f}", flush=True)
+    print(f"median over {reps}: speed of B / A {statistics.median(ratios):.3f}; of the read bandwidth: "
+          f"A {100 * statistics.median(fractions[0]):.1f}%, B {100 * statistics.median(fractions[1]):.1f}%")
 
 
 def main(argv=None) -> int:
@@ -60,9 +110,26 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding (default 32)")
     default_cache = Path("~/.cache") / "llama31-benchmark"
     parser.add_argument("--cache-dir", default=str(default_cache), help=f"as benchmark.py (default {default_cache})")
+    parser.add_argument("--against", metavar="JSON", help="A/B: inductor settings replacing those of "
+                        "llama31/compiled.py in a second compiled copy, e.g. '{\"pattern_matcher\": true}'")
+    parser.add_argument("--layers", type=int, help="with --against: keep the first N layers only")
+    parser.add_argument("--reps", type=int, default=20, help="with --against: paired repetitions (default 20)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = model_folder(args.preset, Path(args.cache_dir).expanduser())
+    if args.against is not None:
+        try:
+            against = json.loads(args.against)
+        except json.JSONDecodeError as e:
+            parser.error(f"--against must be a JSON object of inductor settings: {e}")
+        if not isinstance(against, dict):
+            parser.error(f"--against must be a JSON object of inductor settings, got {args.against!r}")
+        for name in args.dtypes.split(","):
+            print(f"{args.preset} {name}, first {args.layers or 'all'} layers, {args.threads} thread(s); "
+                  f"A: llama31/compiled.py's settings, B: with {against}")
+            compare_options(folder, DTYPES[name], args.layers, against, args.reps, args.steps)
+            torch._dynamo.reset()
+        return 0
     print(f"{args.preset}, {args.threads} thread(s), {args.steps} steps after a {args.prompt}-token prompt")
     print(f"{'':6}{'eager packed':>16}{'eager plain':>16}{'compiled':>16}{'compile time':>15}"
           f"{'speed-up of compiled':>22}")

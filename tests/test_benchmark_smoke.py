@@ -58,3 +58,24 @@ def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
         expected = {"F.linear", "torch.mv", "inductor"} | ({"oneDNN packed"} if can_pack else set())
         assert expected <= set(shape["kernels"])
         assert all(k["GBps"] > 0 and k["fraction_of_read"] > 0 for k in shape["kernels"].values())
+
+
+def test_compile_benchmark_runs_both_modes_on_the_tiny_preset(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    script = [sys.executable, str(ROOT / "examples" / "bench_compile.py"), "--preset", "tiny", "--dtypes", "fp32",
+              "--threads", "1", "--steps", "2", "--cache-dir", str(tmp_path / "cache")]
+    # eager packed, eager plain and compiled steps, side by side
+    result = subprocess.run(script + ["--prompt", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("fp32"))
+    assert row.count(" ms") == 3 and row.rstrip().endswith("x")
+    # --against: llama31/compiled.py's settings paired with other ones, each compiled once
+    result = subprocess.run(script + ["--layers", "1", "--reps", "2", "--against", '{"pattern_matcher": true}'],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("A/B") == 2 and "median over 2: speed of B / A" in result.stdout
+    assert "with {'pattern_matcher': True}" in result.stdout
+    # settings that are not a JSON object: an argument error that says what is expected
+    result = subprocess.run(script + ["--against", "cpp_wrapper=false"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2 and "--against must be a JSON object of inductor settings" in result.stderr
