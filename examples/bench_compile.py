@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # noqa: F401  (its patch: --against is checked before loading)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import DTYPES, PRESETS, model_folder, read_bandwidth  # noqa: E402  (the same model and cache)
@@ -65,7 +66,7 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
                     steps: int) -> None:
     """Paired A/B of INDUCTOR_OPTIONS (A) against them with `against` replaced (B); see the module doc."""
     decoders = []
-    for options in ({}, against):
+    for name, options in (("A", {}), ("B", against)):
         model = Transformer.from_pretrained(folder, dtype=dtype, pack=False).eval()
         if layers:
             model.layers = model.layers[:layers]
@@ -75,7 +76,7 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
         token = torch.zeros(1, 1, dtype=torch.long)
         for pos in range(2):  # the compile (and autotuning), not recorded
             token = decoder(token, pos, last_only=True)[:, -1].argmax(-1, keepdim=True)
-        print(f"{'A' if not options else 'B'}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         decoders.append(decoder)
     weight_bytes = sum(p.numel() * p.element_size() for p in decoders[0].model.parameters())
     ratios, fractions = [], ([], [])
@@ -113,10 +114,14 @@ def main(argv=None) -> int:
     parser.add_argument("--against", metavar="JSON", help="A/B: inductor settings replacing those of "
                         "llama31/compiled.py in a second compiled copy, e.g. '{\"pattern_matcher\": true}'")
     parser.add_argument("--layers", type=int, help="with --against: keep the first N layers only")
-    parser.add_argument("--reps", type=int, default=20, help="with --against: paired repetitions (default 20)")
+    parser.add_argument("--reps", type=int, help="with --against: paired repetitions (default 20)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = model_folder(args.preset, Path(args.cache_dir).expanduser())
+    unknown = [name for name in args.dtypes.split(",") if name not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    if args.against is None and (args.layers is not None or args.reps is not None):
+        parser.error("--layers and --reps apply only with --against")
     if args.against is not None:
         try:
             against = json.loads(args.against)
@@ -124,12 +129,22 @@ def main(argv=None) -> int:
             parser.error(f"--against must be a JSON object of inductor settings: {e}")
         if not isinstance(against, dict):
             parser.error(f"--against must be a JSON object of inductor settings, got {args.against!r}")
+        try:
+            with torch._inductor.config.patch(against):  # unknown names fail here, not after loading the model
+                pass
+        except AttributeError as e:
+            parser.error(f"--against: {e} (the settings are those of torch/_inductor/config.py)")
+        for option, value in (("--layers", args.layers), ("--reps", args.reps)):
+            if value is not None and value < 1:
+                parser.error(f"{option} must be at least 1, got {value}")
+        folder = model_folder(args.preset, Path(args.cache_dir).expanduser())
         for name in args.dtypes.split(","):
             print(f"{args.preset} {name}, first {args.layers or 'all'} layers, {args.threads} thread(s); "
                   f"A: llama31/compiled.py's settings, B: with {against}")
-            compare_options(folder, DTYPES[name], args.layers, against, args.reps, args.steps)
+            compare_options(folder, DTYPES[name], args.layers, against, args.reps or 20, args.steps)
             torch._dynamo.reset()
         return 0
+    folder = model_folder(args.preset, Path(args.cache_dir).expanduser())
     print(f"{args.preset}, {args.threads} thread(s), {args.steps} steps after a {args.prompt}-token prompt")
     print(f"{'':6}{'eager packed':>16}{'eager plain':>16}{'compiled':>16}{'compile time':>15}"
           f"{'speed-up of compiled':>22}")

@@ -7,9 +7,10 @@ of a plain read of the same bytes on a 2-core EPYC, and bfloat16 at 49-73% (its 
 arithmetic). With max-autotune and frozen weights, inductor also generates C++ kernels of its own for each
 weight shape (AVX-512 micro-kernels; AVX512-BF16 for bf16), times them against the ATen kernel once, and keeps
 the faster (examples/bench_gemv.py --inductor compares the kernels). Decoding the 3.2-1B shape one token at a
-time is 1.4x faster than with the packed eager model in float32 and 1.7x in bfloat16, at 84-85% and 72% of
-the roofline where the eager model reaches 61% and 41% (examples/benchmark.py --engines
-llama31-compile,llama31 measures them side by side; README.md, Speed).
+time is 1.2-1.4x faster than with the packed eager model in float32 and 1.7x in bfloat16. float32 reaches 94%
+of the roofline when the VM's memory gives about 35 GB/s (eager: 81%) and 84-89% when it gives 55-65 GB/s
+(eager: 61%), where each of the two cores must stream near its own limit; bfloat16 reaches 72-82% (eager:
+41-48%). examples/benchmark.py --engines llama31-compile,llama31 measures them side by side (README.md, Speed).
 
     decoder = CompiledDecoder(model)             # model: float32 or bfloat16, on the CPU, NOT packed
     decoder.setup_cache(1, max_seq_len)          # as model.setup_cache
@@ -31,8 +32,9 @@ What it costs, all measured on the 1B shape:
   * The weights are frozen at the first step: changes made to them afterwards are not seen. Build a new
     CompiledDecoder (and call torch._dynamo.reset()) after loading other weights.
 One graph serves every position and every cache length: the KV caches are arguments of the compiled function
-(see _decode_step), so a new request's cache of another size does not compile again. The numbers are the model's own: the same
-function, float additions in another order (~1e-6 relative in float32; tested against HF transformers).
+(see _decode_step), so a new request's cache of another size does not compile again. The numbers are the
+model's own: the same function, float additions in another order (~1e-6 relative in float32; tested against
+HF transformers).
 """
 
 from __future__ import annotations

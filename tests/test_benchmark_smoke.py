@@ -75,7 +75,10 @@ def test_compile_benchmark_runs_both_modes_on_the_tiny_preset(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("A/B") == 2 and "median over 2: speed of B / A" in result.stdout
     assert "with {'pattern_matcher': True}" in result.stdout
-    # settings that are not a JSON object: an argument error that says what is expected
-    result = subprocess.run(script + ["--against", "cpp_wrapper=false"], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 2 and "--against must be a JSON object of inductor settings" in result.stderr
+    # bad arguments: an argument error that says what is wrong, before any model is loaded
+    for bad, message in ((["--against", "cpp_wrapper=false"], "--against must be a JSON object of inductor settings"),
+                         (["--against", '{"no_such_setting": 1}'], "config.no_such_setting does not exist"),
+                         (["--layers", "2"], "--layers and --reps apply only with --against"),
+                         (["--dtypes", "fp16"], "--dtypes: unknown fp16; choose from")):
+        result = subprocess.run(script + bad, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, (bad, result.stderr[-2000:])
