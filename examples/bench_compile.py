@@ -36,7 +36,8 @@ import torch
 import torch._inductor.config  # noqa: F401  (its patch: --against is checked before loading)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import DTYPES, PRESETS, model_folder, read_bandwidth  # noqa: E402  (the same model and cache)
+from benchmark import (DTYPES, PRESETS, model_folder, read_bandwidth,  # noqa: E402  (the same model, cache,
+                       weight_bytes_read)  # bandwidth and bytes per step as examples/benchmark.py)
 
 from llama31 import Transformer  # noqa: E402
 from llama31.compiled import CompiledDecoder  # noqa: E402
@@ -78,7 +79,7 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
             token = decoder(token, pos, last_only=True)[:, -1].argmax(-1, keepdim=True)
         print(f"{name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         decoders.append(decoder)
-    weight_bytes = sum(p.numel() * p.element_size() for p in decoders[0].model.parameters())
+    weight_bytes = weight_bytes_read(decoders[0].model)
     ratios, fractions = [], ([], [])
     pos = 2
     for _ in range(reps):

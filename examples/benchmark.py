@@ -176,6 +176,21 @@ def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=g)
 
 
+def weight_bytes_read(model) -> int:
+    """Bytes of weights a llama31 Transformer reads per decode step: every parameter and buffer of every module
+    but the embedding, once (the embedding is only indexed; the output layer reads its whole vocab x dim matrix,
+    which is the embedding's own when tied and unpacked, its packed copy when packed)."""
+    seen, total = set(), 0
+    for name, module in model.named_modules():
+        if name == "tok_embeddings":
+            continue
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 class Llama31Engine:
     def __init__(self, folder: Path, dtype: str, pack: bool = True, compile: bool = False):
         from llama31.generation import Llama
@@ -202,18 +217,7 @@ class Llama31Engine:
         self.forward = self.llama.decoder  # the model, or with compile the model with compiled one-token steps
 
     def weight_bytes(self) -> int:
-        """Bytes read per decode step for the weights: every parameter and buffer of every module but the
-        embedding, once (the embedding is only indexed; the output layer reads its whole vocab x dim matrix,
-        which is the embedding's own when tied and unpacked, its packed copy when packed)."""
-        seen, total = set(), 0
-        for name, module in self.model.named_modules():
-            if name == "tok_embeddings":
-                continue
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
-        return total
+        return weight_bytes_read(self.model)
 
     @torch.inference_mode()
     def decode(self, batch: int, prompt_len: int, steps: int) -> dict:
@@ -269,7 +273,7 @@ class HFEngine:
         self.vocab = self.model.config.vocab_size
 
     def weight_bytes(self) -> int:
-        """As Llama31Engine.weight_bytes: parameters() yields tied weights once; an untied embedding is not read."""
+        """As weight_bytes_read: parameters() yields tied weights once; an untied embedding is not read."""
         tied = self.model.config.tie_word_embeddings
         return sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
                    if tied or "embed_tokens" not in name)

@@ -9,7 +9,7 @@ weight shape (AVX-512 micro-kernels; AVX512-BF16 for bf16), times them against t
 the faster (examples/bench_gemv.py --inductor compares the kernels). Decoding the 3.2-1B shape one token at a
 time is 1.2-1.4x faster than with the packed eager model in float32 and 1.7x in bfloat16. float32 reaches 94%
 of the roofline when the VM's memory gives about 35 GB/s (eager: 81%) and 84-89% when it gives 55-65 GB/s
-(eager: 61%), where each of the two cores must stream near its own limit; bfloat16 reaches 72-82% (eager:
+(eager: 61%), where each of the two cores must stream near its own limit; bfloat16 reaches 72-86% (eager:
 41-48%). examples/benchmark.py --engines llama31-compile,llama31 measures them side by side (README.md, Speed).
 
     decoder = CompiledDecoder(model)             # model: float32 or bfloat16, on the CPU, NOT packed
@@ -99,7 +99,9 @@ class CompiledDecoder:
     """The model, called the same way, with (1, 1)-token steps through torch.compile (see the module doc)."""
 
     def __init__(self, model: Transformer, options: dict | None = None):
-        """options: inductor settings that replace those of INDUCTOR_OPTIONS (to measure them)."""
+        """options: inductor settings that replace those of INDUCTOR_OPTIONS (to measure them). The graph is
+        cached per model object: a second CompiledDecoder over the same model reuses the first one's graph,
+        whatever its options (examples/bench_compile.py --against loads a second model)."""
         why = compile_unsupported(model)
         if why:
             raise ValueError(f"cannot compile the decode step: {why}")

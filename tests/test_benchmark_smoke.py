@@ -15,7 +15,8 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
          "--dtypes", "fp32,int4", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
-         "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out),
+         "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--cache-dir", str(tmp_path / "cache"),
+         "--out-json", str(out),
          "--plot", str(tmp_path / "plot.png")],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -31,7 +32,8 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     for engine in ("llama31", "llama31-compile"):
         assert report["greedy_agreement"][f"{engine} fp32 decode_b1"] == "4/4 tokens equal before the first difference"
     assert {"llama31 fp32 / hf fp32", "llama31-compile fp32 / llama31 fp32"} <= set(report["ratios"])
-    assert report["configs"]["llama31-compile fp32"]["graphs_compiled"] == 1  # one graph for every batch-1 step (batch 2 runs eagerly)
+    # one graph for every batch-1 step (batch 2 runs eagerly)
+    assert report["configs"]["llama31-compile fp32"]["graphs_compiled"] == 1
     assert "decode b1" in result.stdout and "paired ratios" in result.stdout
     # INT4 runs when llama31.quant exists, and is reported as skipped when it does not
     assert ("llama31 int4" in report["configs"]) != ("INT4 skipped" in result.stderr)

