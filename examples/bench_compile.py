@@ -36,8 +36,8 @@ import torch
 import torch._inductor.config  # noqa: F401  (its patch: --against is checked before loading)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import (DTYPES, PRESETS, model_folder, read_bandwidth,  # noqa: E402  (the same model, cache,
-                       weight_bytes_read)  # bandwidth and bytes per step as examples/benchmark.py)
+from benchmark import (DTYPES, PRESETS, ReadProbe, model_folder,  # noqa: E402  (the same model, cache,
+                       weight_bytes_read)  # bandwidth probe and bytes per step as examples/benchmark.py)
 
 from llama31 import Transformer  # noqa: E402
 from llama31.compiled import CompiledDecoder  # noqa: E402
@@ -80,10 +80,11 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
         print(f"{name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         decoders.append(decoder)
     weight_bytes = weight_bytes_read(decoders[0].model)
+    probe = ReadProbe(512)
     ratios, fractions = [], ([], [])
     pos = 2
     for _ in range(reps):
-        before = read_bandwidth(3)
+        before = probe.gbps(3)
         medians = []
         for decoder in decoders:
             token, times = torch.zeros(1, 1, dtype=torch.long), []
@@ -93,7 +94,7 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
                 times.append(time.perf_counter() - start)
             medians.append(statistics.median(times))
         pos += steps
-        read = (before + read_bandwidth(3)) / 2
+        read = (before + probe.gbps(3)) / 2
         for f, m in zip(fractions, medians):
             f.append(weight_bytes / m / 1e9 / read)
         ratios.append(medians[0] / medians[1])

@@ -34,14 +34,16 @@ What it does
       generate b1    end to end: llama31's Llama.generate(temperature=0) vs HF's generate(do_sample=False),
                      --decode-tokens new tokens after a --decode-prompt-token prompt, prefill included; no
                      stop token can end either one early.
-  * The machine's memory bandwidth is measured in the same run (every repetition, between measurements) over
-    512 MiB of random floats: the fastest of three plain reads (amax, sum, oneDNN's packed matrix-vector
-    product), an fp32 torch.mv and a copy (measure_bandwidth). A VM's share of the memory bandwidth drifts with
-    its neighbours' load (33 to 48 GB/s read here within an hour), so every decode measurement is bracketed by
-    two reads (read_bandwidth) and gets its own roofline: B * read bandwidth / (bytes of weights read per step +
-    bytes of KV cache read per step); the fraction reported is the median over repetitions of tok/s over that
-    roofline. torch.mv reaches only 50-70% of the read bandwidth on a 2-core EPYC, so a roofline drawn from it
-    would be far too low.
+  * The memory bandwidth is measured in the same run, in the very process that decodes: each worker reads
+    --read-mib of its own memory (ReadProbe: inductor's matrix-vector kernel over a random matrix, the fastest
+    reader torch has here) just before and just after each of its decode measurements, and that decode gets its
+    own roofline from the faster of the two: B * read bandwidth / (bytes of weights read per step + bytes of KV
+    cache read per step). The fraction reported is the median over repetitions of tok/s over that roofline. A
+    VM's share of the bandwidth drifts with its neighbours' load (33 to 65 GB/s read here within minutes), and
+    a read in another process can land in another state (64 GB/s in this script's parent while a worker decoded
+    at 33-45, in an earlier version that read there). The probe is built before the worker's baseline RSS, so
+    no memory figure includes it (nor torch.compile's own import, which it pays). On a preset whose weights fit
+    in the caches (tiny) decoding is not bound by memory and the roofline means nothing.
   * Output: a table on stdout, a JSON file (--out-json) and, if matplotlib is installed, a PNG (--plot).
 """
 
@@ -59,9 +61,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # noqa: F401  (its patch, for ReadProbe)
 
 from llama31.config import ModelArgs
-from llama31.model.linear import Linear, packing_supported
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
@@ -214,6 +216,8 @@ class Llama31Engine:
         model.eval()
         self.model, self.vocab = model, model.args.vocab_size
         self.llama = Llama(model, tokenizer, max_batch_size=64, compile=compile)
+        # graphs compiled before this engine's (the worker's ReadProbe) are not its own
+        self.graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         self.forward = self.llama.decoder  # the model, or with compile the model with compiled one-token steps
 
     def weight_bytes(self) -> int:
@@ -233,7 +237,7 @@ class Llama31Engine:
         self.forward.clear_cache()
         return {"seconds": sum(times), "step_ms": 1e3 * statistics.median(times),
                 "tokens": torch.stack(generated, 1)[0].tolist(),
-                "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+                "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.graphs_before}
 
     @torch.inference_mode()
     def prefill(self, length: int) -> dict:
@@ -325,10 +329,14 @@ def int4_group_size(args: ModelArgs) -> int:
     return next(g for g in (128, 64, 32) if all(w % g == 0 for w in widths))
 
 
-def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
-    """A worker process: load one engine x dtype, then run the measurements the parent sends, one at a time."""
+def worker(conn, engine: str, dtype: str, folder: str, threads: int, read_mib: int) -> None:
+    """A worker process: load one engine x dtype, then run the measurements the parent sends, one at a time.
+
+    Op "read" is this process's own read bandwidth (GB/s, ReadProbe), built here before the engine takes its
+    baseline RSS: the roofline of a decode comes from reads in the very process that decodes."""
     torch.set_num_threads(threads)
     try:
+        probe = ReadProbe(read_mib)  # before the engine takes its baseline RSS: charged to no engine
         if engine == "hf":
             runner = HFEngine(Path(folder), dtype)
         else:
@@ -343,6 +351,9 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
             if op == "rss":
                 conn.send({"rss": rss()})
                 continue
+            if op == "read":
+                conn.send({"read_GBps": probe.gbps(), "reader": probe.reader})
+                continue
             reset_peak_rss()
             result = getattr(runner, op)(**kwargs)
             result["peak_rss"] = peak_rss()
@@ -354,11 +365,12 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int) -> None:
 
 
 class Worker:
-    def __init__(self, engine: str, dtype: str, folder: Path, threads: int):
+    def __init__(self, engine: str, dtype: str, folder: Path, threads: int, read_mib: int):
         self.engine, self.dtype, self.name = engine, dtype, f"{engine} {dtype}"
         ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or threads inherited from the parent
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker, args=(child, engine, dtype, str(folder), threads), daemon=True)
+        self.process = ctx.Process(target=worker, args=(child, engine, dtype, str(folder), threads, read_mib),
+                                   daemon=True)
         self.process.start()
         self.info = self._receive()
 
@@ -384,59 +396,52 @@ class Worker:
 
 
 # ====================================================================== bandwidth
-_BUFFERS: dict = {}
+class ReadProbe:
+    """How fast this process streams memory into its cores (GB/s): the best of `repeats` passes of inductor's
+    C++ matrix-vector kernel (llama31/compiled.py's options: frozen weight, max-autotune) over a matrix of `mib`
+    MiB of random float32 (random: the host could serve identical pages from one copy in its cache).
 
+    The fastest reader torch has on this 2-core EPYC: when the VM's memory gives 50-65 GB/s, it streams 10-20%
+    more than a reduction (amax, sum), oneDNN's packed product or any eager row or column reduction (a sweep in
+    one process); at ~35 GB/s they are level. Drawn from amax and sum over 1 GiB, the roofline fell below what a
+    decode step reaches: compiled fp32 decoding ran at 107% of it. Frozen, the compiled kernel reads its own
+    copy of the matrix, so the original's memory is released once compiled: the probe holds `mib` MiB. Without
+    a C++ compiler it falls back to amax over the matrix (`reader` says which)."""
 
-def _buffers() -> dict:
-    """512 MiB of random float32 (16x this CPU's L3; random: identical pages could be deduplicated by the host
-    and served from cache), a vector, a copy target, and the buffer as a packed (16384, 8192) Linear."""
-    if not _BUFFERS:
-        g = torch.Generator().manual_seed(0)
-        _BUFFERS["a"] = torch.rand(2**27, generator=g)
-        _BUFFERS["x"] = torch.rand(2**13, generator=g)
-        _BUFFERS["out"] = torch.empty(2**26)
-        _BUFFERS["packed"] = None
-        if packing_supported(_BUFFERS["a"]) is None:
-            _BUFFERS["packed"] = Linear(2**13, 2**14, dtype=torch.float32, device="meta")
-            _BUFFERS["packed"].weight = torch.nn.Parameter(_BUFFERS["a"].view(2**14, 2**13), requires_grad=False)
-            _BUFFERS["packed"].pack()
-    return _BUFFERS
+    def __init__(self, mib: int):
+        rows = mib * 2**20 // 4 // 8192
+        self.bytes = rows * 8192 * 4
+        self.layer = torch.nn.Linear(8192, rows, bias=False, device="meta").eval()
+        self.layer.weight = torch.nn.Parameter(torch.rand(rows, 8192, generator=torch.Generator().manual_seed(1)),
+                                               requires_grad=False)
+        self.x = torch.rand(1, 8192)
+        try:
+            from llama31.compiled import INDUCTOR_OPTIONS
 
+            compiled = torch.compile(self.layer)
+            with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.inference_mode():
+                compiled(self.x)  # compiles (and autotunes) once
 
-@torch.inference_mode()
-def read_bandwidth(repeats: int = 2) -> float:
-    """GB/s of the fastest of three ways to stream the 512 MiB buffer into the cores, each the best of `repeats`:
-    a reduction (amax), a sum, and oneDNN's matrix-vector product over it as a packed matrix."""
-    b = _buffers()
-    a, x, packed = b["a"], b["x"], b["packed"]
-    readers = [a.amax, a.sum] + ([lambda: packed(x[None])] if packed is not None else [])
-    best = 0.0
-    for reader in readers:
-        reader()  # warm-up
+            def read():
+                with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.inference_mode():
+                    compiled(self.x)
+
+            self.read, self.reader = read, "inductor matrix-vector product"
+            # the frozen graph holds its own copy: free the original's memory (shape and strides stay, so no guard
+            # fails and nothing recompiles; nothing reads it again)
+            self.layer.weight.untyped_storage().resize_(0)
+        except Exception as e:  # noqa: BLE001  (no C++ compiler, or inductor unavailable: still a plain read)
+            weight = self.layer.weight
+            self.read, self.reader = weight.amax, f"amax (inductor failed: {type(e).__name__})"
+
+    def gbps(self, repeats: int = 2) -> float:
+        self.read()  # warm-up
+        best = 0.0
         for _ in range(repeats):
             start = time.perf_counter()
-            reader()
-            best = max(best, a.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def measure_bandwidth(repeats: int = 5) -> dict:
-    """GB/s, each the best of `repeats` (the least disturbed by other processes), over the 512 MiB buffer:
-      read_GBps     read_bandwidth: the memory streamed into the cores
-      mv_fp32_GBps  an fp32 torch.mv over it as a matrix: what a plain matrix-vector kernel reaches
-      copy_GBps     a copy of half of it into another buffer (read + write bytes)."""
-    b = _buffers()
-    a, x, out = b["a"], b["x"], b["out"]
-    w = a.view(-1, x.numel())  # (16384, 8192)
-    mv, copy = [], []
-    for _ in range(repeats + 1):  # the first round warms up
-        start = time.perf_counter()
-        torch.mv(w, x)
-        mv.append(w.numel() * 4 / (time.perf_counter() - start) / 1e9)
-        start = time.perf_counter()
-        out.copy_(a[:out.numel()])
-        copy.append(2 * out.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return {"read_GBps": read_bandwidth(repeats), "mv_fp32_GBps": max(mv[1:]), "copy_GBps": max(copy[1:])}
+            self.read()
+            best = max(best, self.bytes / (time.perf_counter() - start) / 1e9)
+        return best
 
 
 # ====================================================================== the benchmark
@@ -475,8 +480,7 @@ def run_benchmark(opts) -> dict:
             ("generate_b1", "generate", dict(batch=1, prompt_len=opts.decode_prompt, steps=opts.decode_tokens))]
 
     results: dict[str, dict] = {}  # config name -> {"memory": ..., "runs": {op: [per-rep raw results]}}
-    bandwidth = []
-    int4_worker = Worker("llama31", "int4", folder, opts.threads) if int4 else None
+    int4_worker = Worker("llama31", "int4", folder, opts.threads, opts.read_mib) if int4 else None
     try:
         for round_configs in configs_rounds:
             workers = []
@@ -484,7 +488,7 @@ def run_benchmark(opts) -> dict:
                 # each worker warms up as soon as it is loaded, before the next one loads: llama31-compile's
                 # compile needs about 3x its weights for a while (1B fp32: 16 GB), only once its own
                 for e, d in round_configs:
-                    workers.append(Worker(e, d, folder, opts.threads))
+                    workers.append(Worker(e, d, folder, opts.threads, opts.read_mib))
                     warm_up(workers[-1], opts)
                 if int4_worker:
                     if "steady_rss" not in int4_worker.info:
@@ -494,16 +498,17 @@ def run_benchmark(opts) -> dict:
                     results.setdefault(w.name, {"memory": w.info, "runs": {}, "rounds": []})
                     results[w.name]["rounds"].append(round_configs[0][1] if round_configs else "int4")
                 for rep in range(opts.reps):
-                    bandwidth.append(measure_bandwidth())
                     for key, op, kwargs in ops:
                         order = workers[rep % len(workers):] + workers[:rep % len(workers)]  # rotate who goes first
                         for w in order:
                             # the bandwidth of this VM drifts by up to 2x with its neighbours' load: each decode
-                            # figure gets its own roofline, from reads just before and just after it
-                            before = read_bandwidth() if op == "decode" else None
+                            # figure gets its own roofline, from reads just before and just after it, in its worker
+                            before = w.run("read") if op == "decode" else None
                             r = w.run(op, **kwargs)
                             if before is not None:
-                                r["read_GBps"] = max(before, read_bandwidth())
+                                after = w.run("read")
+                                r["read_GBps"] = max(before["read_GBps"], after["read_GBps"])
+                                r["reader"] = after["reader"]
                             r["round"] = round_configs[0][1] if round_configs else "int4"
                             r["rep"] = rep
                             results[w.name]["runs"].setdefault(key, []).append(r)
@@ -518,7 +523,7 @@ def run_benchmark(opts) -> dict:
         if int4_worker:
             int4_worker.close()
 
-    report = summarise(opts, args, results, bandwidth, ops)
+    report = summarise(opts, args, results, ops)
     report["model_folder"] = str(folder)
     return report
 
@@ -533,8 +538,7 @@ def tokens_per_second(key: str, r: dict, opts) -> float:
     return r["seconds"]  # TTFT stays in seconds
 
 
-def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) -> dict:
-    bw = {k: statistics.median(b[k] for b in bandwidth) for k in bandwidth[0]}
+def summarise(opts, args: ModelArgs, results: dict, ops) -> dict:
     summary: dict = {"configs": {}, "ratios": {}, "greedy_agreement": {}}
     for name, res in results.items():
         dtype = name.split()[1]
@@ -559,6 +563,8 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                                                                      opts.decode_prompt + opts.decode_tokens / 2)
                 rooflines = [batch * r["read_GBps"] * 1e9 / step_bytes for r in res["runs"][key]]
                 op["roofline_tok_s"] = statistics.median(rooflines)
+                op["read_GBps"] = statistics.median(r["read_GBps"] for r in res["runs"][key])
+                op["read_GBps_values"] = [r["read_GBps"] for r in res["runs"][key]]
                 # per repetition, against the bandwidth measured around that very run; then the median
                 op["fraction_of_roofline"] = statistics.median(v / roof for v, roof in zip(values, rooflines))
                 op["step_ms"] = statistics.median(r["step_ms"] for r in res["runs"][key])
@@ -591,7 +597,13 @@ def summarise(opts, args: ModelArgs, results: dict, bandwidth: list[dict], ops) 
                     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                     summary["greedy_agreement"][f"{engine} {d} {key}"] = \
                         f"{same}/{len(a)} tokens equal before the first difference"
-    summary["bandwidth"] = bw
+    # the reads in the workers, around their decodes: what the rooflines are drawn from
+    reads = [r for res in results.values() for key, runs in res["runs"].items() if key.startswith("decode")
+             for r in runs]
+    summary["bandwidth"] = {"read_GBps": statistics.median(r["read_GBps"] for r in reads),
+                            "read_GBps_min": min(r["read_GBps"] for r in reads),
+                            "read_GBps_max": max(r["read_GBps"] for r in reads),
+                            "buffer_MiB": opts.read_mib, "readers": sorted({r["reader"] for r in reads})}
     summary["machine"] = {"threads": opts.threads, "torch": torch.__version__, "python": platform.python_version(),
                           "cpu": _cpu_name(), "cores_visible": os.cpu_count()}
     try:
@@ -635,8 +647,9 @@ def format_table(report: dict) -> str:
     keys = list(next(iter(configs.values()))["ops"])
     m, bw = report["model"], report["bandwidth"]
     lines = [f"{m['preset']}: {_size(m['parameters'])} parameters, {report['machine']['threads']} thread(s), "
-             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth (medians) {bw['read_GBps']:.1f} GB/s "
-             f"read, {bw['mv_fp32_GBps']:.1f} fp32 mv, {bw['copy_GBps']:.1f} copy"]
+             f"{report['settings']['reps']} rep(s) (medians); memory bandwidth {bw['read_GBps']:.1f} GB/s read "
+             f"(median; {bw['read_GBps_min']:.1f} to {bw['read_GBps_max']:.1f}), in each worker just before and "
+             f"after its decodes ({', '.join(bw['readers'])} over {bw['buffer_MiB']} MiB): the rooflines"]
 
     def table(heads: list[str], rows: dict[str, list[str]]) -> None:
         widths = [max(len(h), *(len(r[i]) for r in rows.values())) + 2 for i, h in enumerate(heads)]
@@ -656,11 +669,11 @@ def format_table(report: dict) -> str:
                                      for name, c in configs.items()})
     lines[-len(configs) - 1] += "   (tok/s unless marked)"
     roof = [k for k in keys if k.startswith("decode")]
-    heads = [h for k in roof for h in (f"{k[7:]} roofline", f"{k[7:]} %roof")]
+    heads = [h for k in roof for h in (f"{k[7:]} GB/s", f"{k[7:]} roofline", f"{k[7:]} %roof")]
     heads += ["ms/step " + k[7:] for k in roof] + ["weights MB read/step", "RSS MiB", "peak MiB", "peak during"]
     rows = {}
     for name, c in configs.items():
-        cells = [x for k in roof for x in (f"{c['ops'][k]['roofline_tok_s']:.2f}",
+        cells = [x for k in roof for x in (f"{c['ops'][k]['read_GBps']:.1f}", f"{c['ops'][k]['roofline_tok_s']:.2f}",
                                            f"{100 * c['ops'][k]['fraction_of_roofline']:.0f}%")]
         cells += [f"{c['ops'][k]['step_ms']:.1f}" for k in roof]
         mb = c["weight_bytes_read_per_step"] / 1e6
@@ -703,7 +716,8 @@ def plot(report: dict, path: Path) -> bool:
                 if "roofline_tok_s" in c["ops"][k]:
                     ax.hlines(c["ops"][k]["roofline_tok_s"], x - bar / 2, x + bar / 2, colors=bars[0].get_facecolor(),
                               linestyles="dashed")
-        ax.set_xticks([j + bar * (len(configs) - 1) / 2 for j in range(len(group))], [k.replace("_", " ") for k in group])
+        ax.set_xticks([j + bar * (len(configs) - 1) / 2 for j in range(len(group))],
+                      [k.replace("_", " ") for k in group])
         ax.set_ylabel("tokens / s")
         ax.set_title(title)
     axes[0].set_yscale("log")  # rooflines can be far above the bars
@@ -740,6 +754,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-lens", type=ints, default=[128, 1024], help="prompt lengths (default 128,1024); "
                                                                                "TTFT uses the first")
     parser.add_argument("--batch-sizes", type=ints, default=[1, 4], help="decode batch sizes (default 1,4)")
+    parser.add_argument("--read-mib", type=int, default=512,
+                        help="MiB each worker reads around its decodes for their rooflines (ReadProbe; default 512: "
+                             "16x this CPU's L3; not in any RSS figure, but each worker holds it; 1024 reads 2-3%% "
+                             "faster)")
     parser.add_argument("--cache-dir", default=str(default_cache), help=f"where the random model is saved once "
                                                                         f"(default {default_cache})")
     parser.add_argument("--out-json", help="results file (default: <cache-dir>/results-<preset>.json)")
@@ -754,9 +772,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not opts.engines or not opts.dtypes or not opts.prefill_lens or not opts.batch_sizes:
         parser.error("--engines, --dtypes, --prefill-lens and --batch-sizes need at least one value each")
     if min(opts.threads, opts.reps, opts.decode_tokens, opts.decode_prompt, *opts.prefill_lens,
-           *opts.batch_sizes) < 1:
-        parser.error("--threads, --reps, --decode-tokens, --decode-prompt, --prefill-lens and --batch-sizes must be "
-                     "positive")
+           *opts.batch_sizes, opts.read_mib) < 1:
+        parser.error("--threads, --reps, --decode-tokens, --decode-prompt, --prefill-lens, --batch-sizes and "
+                     "--read-mib must be positive")
     longest = max(max(opts.prefill_lens), opts.decode_prompt + opts.decode_tokens)
     if longest > PRESETS[opts.preset].max_seq_len:
         parser.error(f"{longest} positions exceed the {opts.preset} preset's context of "

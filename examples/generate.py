@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                "default on a CPU they are packed for oneDNN, "
                                                                "1.3-2x faster decoding, same numbers to rounding")
     parser.add_argument("--compile", action="store_true", help="decode through torch.compile (CPU, float32/bfloat16: "
-                                                               "1.2-1.4x/1.7x faster steps for a 1B model, a second "
+                                                               "1.2-1.5x/1.4-1.7x faster steps for a 1B model, a second "
                                                                "copy of the weights, compiling at the first token; "
                                                                "llama31/compiled.py)")
     args = parser.parse_args(argv)

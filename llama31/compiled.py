@@ -7,10 +7,11 @@ of a plain read of the same bytes on a 2-core EPYC, and bfloat16 at 49-73% (its 
 arithmetic). With max-autotune and frozen weights, inductor also generates C++ kernels of its own for each
 weight shape (AVX-512 micro-kernels; AVX512-BF16 for bf16), times them against the ATen kernel once, and keeps
 the faster (examples/bench_gemv.py --inductor compares the kernels). Decoding the 3.2-1B shape one token at a
-time is 1.2-1.4x faster than with the packed eager model in float32 and 1.7x in bfloat16. float32 reaches 94%
-of the roofline when the VM's memory gives about 35 GB/s (eager: 81%) and 84-89% when it gives 55-65 GB/s
-(eager: 61%), where each of the two cores must stream near its own limit; bfloat16 reaches 72-86% (eager:
-41-48%). examples/benchmark.py --engines llama31-compile,llama31 measures them side by side (README.md, Speed).
+time is 1.2-1.5x faster than with the packed eager model in float32 and 1.4-1.7x in bfloat16. float32 reaches
+90-95% of the roofline, whether the VM's memory gives about 35 GB/s (eager: 77-83%) or 55-60 GB/s (eager:
+62-68%), against reads in the same process by the fastest reader torch has (inductor's own matrix-vector
+kernel); bfloat16 reaches 75-86% (eager: 46-61%). examples/benchmark.py --engines llama31-compile,llama31
+measures them side by side (README.md, Speed).
 
     decoder = CompiledDecoder(model)             # model: float32 or bfloat16, on the CPU, NOT packed
     decoder.setup_cache(1, max_seq_len)          # as model.setup_cache

@@ -6,7 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def kv_bytes(model: dict, element_bytes: int, context: float) -> float:
+    """K and V bytes one decode step of one row reads at `context` cached positions (INT4 keeps a bf16 cache)."""
+    head_dim = model["dim"] // model["n_heads"]
+    return model["n_layers"] * 2 * model["n_kv_heads"] * head_dim * context * element_bytes
 
 
 def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
@@ -15,19 +23,27 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
          "--dtypes", "fp32,int4", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
-         "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--cache-dir", str(tmp_path / "cache"),
-         "--out-json", str(out),
-         "--plot", str(tmp_path / "plot.png")],
+         "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--read-mib", "64",
+         "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out), "--plot", str(tmp_path / "plot.png")],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads(out.read_text())
     assert {"llama31 fp32", "llama31-compile fp32", "hf fp32"} <= set(report["configs"])
-    for config in report["configs"].values():
+    for name, config in report["configs"].items():
         assert set(config["ops"]) == {"decode_b1", "decode_b2", "prefill_8", "ttft_8", "generate_b1"}
         assert all(op["median"] > 0 for op in config["ops"].values())
         assert 0 < config["ops"]["decode_b1"]["fraction_of_roofline"]
-    assert report["bandwidth"]["read_GBps"] > 0 and report["bandwidth"]["mv_fp32_GBps"] > 0
+        # each decode's roofline is drawn from reads in its own worker, one per repetition
+        decode = config["ops"]["decode_b1"]
+        assert decode["read_GBps"] > 0
+        step_bytes = config["weight_bytes_read_per_step"] + kv_bytes(report["model"], 4 if "fp32" in name else 2,
+                                                                     4 + 3 / 2)  # 4 prompt tokens, 3 steps
+        assert decode["roofline_tok_s"] == pytest.approx(decode["read_GBps"] * 1e9 / step_bytes)
+    bandwidth = report["bandwidth"]
+    assert 0 < bandwidth["read_GBps_min"] <= bandwidth["read_GBps"] <= bandwidth["read_GBps_max"]
+    # the fastest reader (inductor's kernel, as the compiled engine decodes with), not the amax fallback
+    assert bandwidth["readers"] == ["inductor matrix-vector product"] and bandwidth["buffer_MiB"] == 64
     # the same weights and greedy decoding: in fp32 the two engines pick the same tokens
     for engine in ("llama31", "llama31-compile"):
         assert report["greedy_agreement"][f"{engine} fp32 decode_b1"] == "4/4 tokens equal before the first difference"
