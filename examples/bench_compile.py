@@ -17,8 +17,9 @@ and the speed-up of the compiled step over the eager packed one.
 
 --against JSON measures inductor settings instead: two copies of the model, one compiled with the settings of
 llama31/compiled.py (INDUCTOR_OPTIONS) and one with those replaced by JSON, their steps alternated (--reps
-repetitions of --steps steps each, the memory bandwidth read before and after each), and reports the median
-ratio of the paired step times and each one's fraction of the read bandwidth (as examples/benchmark.py). Pairing
+repetitions of --steps steps each, the memory bandwidth read before and after each by benchmark.py's ReadProbe),
+and reports the median ratio of the paired step times and each one's fraction of the faster of those two reads
+(the roofline, as examples/benchmark.py draws it). Pairing
 matters on a shared VM: its bandwidth moves by 2x from one minute to the next, more than most settings change.
 --layers N keeps the first N layers (two compiled copies of the 1B shape need ~4x its 5 GB of weights in fp32).
 """
@@ -94,7 +95,7 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
                 times.append(time.perf_counter() - start)
             medians.append(statistics.median(times))
         pos += steps
-        read = (before + probe.gbps(3)) / 2
+        read = max(before, probe.gbps(3))  # as examples/benchmark.py: the faster read bounds the step
         for f, m in zip(fractions, medians):
             f.append(weight_bytes / m / 1e9 / read)
         ratios.append(medians[0] / medians[1])
