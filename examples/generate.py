@@ -60,13 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk", type=int, help="prefill the prompt N tokens at a time through the KV "
                                                           "cache (bounds the memory of one forward on long prompts; "
                                                           "default: the whole prompt at once)")
-    parser.add_argument("--no-pack", action="store_true", help="keep the linear weights plain (F.linear); by "
-                                                               "default on a CPU they are packed for oneDNN, "
-                                                               "1.3-2x faster decoding, same numbers to rounding")
-    parser.add_argument("--compile", action="store_true", help="decode through torch.compile (CPU, float32/bfloat16: "
-                                                               "1.2-1.5x/1.4-1.7x faster steps for a 1B model, a second "
-                                                               "copy of the weights, compiling at the first token; "
-                                                               "llama31/compiled.py)")
+    parser.add_argument("--no-pack", action="store_true", help="keep the linear weights plain (nn.Linear); by "
+                        "default on a CPU the large ones are packed for oneDNN (llama31/cpu/packed.py): faster "
+                        "decoding, the same numbers to float rounding")
+    parser.add_argument("--compile", action="store_true", help="decode one sequence's steps through torch.compile "
+                        "(CPU, float32/bfloat16; llama31/cpu/compiled.py): faster steps for a second copy of the "
+                        "weights and a compile at the first token")
     args = parser.parse_args(argv)
     if args.compile and args.int4:
         parser.error("--compile covers float32 and bfloat16 models, not --int4")

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from llama31 import parallel
-from llama31.checkpoints.load import pack_as_asked
+from llama31.cpu.packed import pack_as_asked
 from llama31.model import Transformer
 from llama31.sampling import sample
 from llama31.text import AssistantReply, ChatFormat, Message, Tokenizer
@@ -79,14 +79,14 @@ class Llama:
                  compile: bool = False):
         """seed: of the sampling generator used when a call passes neither seed nor generator. Under torchrun
         every rank must draw the same tokens; one seeded generator per Llama (not the global RNG) ensures it.
-        compile: decode one sequence's steps through torch.compile (llama31/compiled.py: CPU, float32 or
+        compile: decode one sequence's steps through torch.compile (llama31/cpu/compiled.py: CPU, float32 or
         bfloat16, unpacked weights; faster steps for a second copy of the weights and a compile at the first
         step)."""
         self.model = model
         # what runs the forward passes of generation: the model itself, or the model with compiled decode steps
         self.decoder = model
         if compile:
-            from llama31.compiled import CompiledDecoder
+            from llama31.cpu.compiled import CompiledDecoder
 
             self.decoder = CompiledDecoder(model)
         self.tokenizer = tokenizer
@@ -107,7 +107,7 @@ class Llama:
         a folder that is already INT4 (GPTQ or compressed-tensors) loads as INT4 without it.
         pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
         Transformer.from_pretrained (None: the layers that gain from it; with compile, None means False).
-        compile: compiled decode steps (see __init__; llama31/compiled.py).
+        compile: compiled decode steps (see __init__; llama31/cpu/compiled.py).
         Under torchrun (several processes) the model is split across them (llama31.parallel); call
         llama31.parallel.close() at the end.
         """

@@ -7,10 +7,12 @@ the ranks exchange activations once per column/row pair of projections, as Meta'
     role        fairscale layer                              each rank holds            after the matmul
     ---------   ------------------------------------------   ------------------------   --------------------------
     column      ColumnParallelLinear(gather_output=False)     1/N of the output rows     keeps its slice of heads
+    kv          the same, over the kv heads                   1/N of the kv heads (*)    keeps its slice of heads
     row         RowParallelLinear(input_is_parallel=True)     1/N of the input columns   all-reduce (sum) the parts
     embedding   VocabParallelEmbedding                        1/N of the vocabulary      all-reduce (sum) the parts
     output      ColumnParallelLinear(gather_output=True)      1/N of the vocabulary      all-gather full logits
 
+(*) or, with more ranks than kv heads, the one kv head its query heads read.
 So attention splits by heads (wq, wk, wv column; wo row) and the FFN by hidden units (w1, w3 column; w2 row):
 each block needs just two all-reduces. These splits are exactly how Meta's consolidated.NN.pth files are split.
 
@@ -31,11 +33,16 @@ from contextlib import contextmanager, redirect_stdout
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 
 from llama31.model.layers import Layers
+
+
+def _fairscale():
+    """fairscale's model-parallel modules, imported when a model is split (one process never needs them)."""
+    from fairscale.nn.model_parallel import initialize, layers
+
+    return initialize, layers
 
 
 def world_size() -> int:
@@ -74,6 +81,7 @@ def init_model_parallel(backend: str | None = None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend or ("cpu:gloo,cuda:nccl" if gpu_each else "gloo"))
+    fs_init, _ = _fairscale()
     if not fs_init.model_parallel_is_initialized():
         # every process holds one slice of one model; fairscale announces its groups on stdout, which belongs
         # to the caller (only rank 0 prints generated text)
@@ -84,6 +92,9 @@ def init_model_parallel(backend: str | None = None) -> int:
 
 def close() -> None:
     """Tear down the process groups at the end of a run (NCCL warns at exit otherwise). Safe without any."""
+    if not dist.is_initialized():
+        return
+    fs_init, _ = _fairscale()
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
@@ -122,31 +133,50 @@ class ParallelLayers(Layers):
         self.model_parallel_size = init_model_parallel()
         self.model_parallel_rank = rank()
 
+    def local_heads(self, n_heads: int, n_kv_heads: int) -> tuple[int, int]:
+        """Each of mp ranks computes n_heads / mp query heads and the kv heads they read. With more ranks than kv
+        heads (70B on 16 ranks), each kv head is repeated on mp / n_kv_heads ranks, one per rank (see kv)."""
+        mp = self.model_parallel_size
+        if n_heads % mp or max(n_kv_heads, mp) % min(n_kv_heads, mp):
+            raise ValueError(f"the model-parallel size {mp} must divide n_heads {n_heads} and divide or be a "
+                             f"multiple of n_kv_heads {n_kv_heads}")
+        return n_heads // mp, max(n_kv_heads, mp) // mp
+
+    def kv(self, in_features: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device) -> nn.Module:
+        # with more ranks than kv heads, wk and wv are built as if the model had one kv head per rank; each rank
+        # loads the one its query heads read (llama31/checkpoints/sharding.py)
+        n_kv_heads = max(n_kv_heads, self.model_parallel_size)
+        return self.column(in_features, n_kv_heads * head_dim, dtype=dtype, device=device)
+
     def column(self, in_features: int, out_features: int, *, dtype: torch.dtype, device) -> nn.Module:
         if self.model_parallel_size == 1:
             return super().column(in_features, out_features, dtype=dtype, device=device)
         # each rank keeps its slice of the outputs: its own heads (wq/wk/wv) or hidden units (w1/w3)
-        return _placed(ColumnParallelLinear(in_features, out_features, bias=False, gather_output=False,
+        _, fs_layers = _fairscale()
+        return _placed(fs_layers.ColumnParallelLinear(in_features, out_features, bias=False, gather_output=False,
                                             init_method=_keep), dtype, device)
 
     def row(self, in_features: int, out_features: int, *, dtype: torch.dtype, device) -> nn.Module:
         if self.model_parallel_size == 1:
             return super().row(in_features, out_features, dtype=dtype, device=device)
         # the input is the column layer's slice; the partial products are summed across ranks
-        return _placed(RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True,
+        _, fs_layers = _fairscale()
+        return _placed(fs_layers.RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True,
                                          init_method=_keep), dtype, device)
 
     def embedding(self, vocab_size: int, dim: int, *, dtype: torch.dtype, device) -> nn.Module:
         if self.model_parallel_size == 1:
             return super().embedding(vocab_size, dim, dtype=dtype, device=device)
-        return _placed(VocabParallelEmbedding(vocab_size, dim, init_method=_keep), dtype, device)
+        _, fs_layers = _fairscale()
+        return _placed(fs_layers.VocabParallelEmbedding(vocab_size, dim, init_method=_keep), dtype, device)
 
     def output(self, dim: int, vocab_size: int, *, dtype: torch.dtype, device) -> nn.Module:
         if self.model_parallel_size == 1:
             return super().output(dim, vocab_size, dtype=dtype, device=device)
         # every rank needs every logit to sample the next token: gather the vocabulary slices
-        return _placed(ColumnParallelLinear(dim, vocab_size, bias=False, gather_output=True, init_method=_keep),
-                       dtype, device)
+        _, fs_layers = _fairscale()
+        output = fs_layers.ColumnParallelLinear(dim, vocab_size, bias=False, gather_output=True, init_method=_keep)
+        return _placed(output, dtype, device)
 
 
 def _keep(weight: torch.Tensor) -> torch.Tensor:

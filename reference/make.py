@@ -34,8 +34,14 @@ from reference.check import check
 from reference.engines.common import document
 from reference.fileformat import FORMAT, FORMAT_VERSION, FormatError, from_memory, save
 from reference.make_tiny import RECIPE_FILE
-from reference.prompts import (DEFAULT_PROMPTS, VOCAB_MAP_FILE, VocabMap, default_long_tokens, encode_prompts,
-                               load_prompt_specs)
+from reference.prompts import (
+    DEFAULT_PROMPTS,
+    VOCAB_MAP_FILE,
+    VocabMap,
+    default_long_tokens,
+    encode_prompts,
+    load_prompt_specs,
+)
 
 STOP_NAMES = {128001: "end_of_text", 128008: "eom", 128009: "eot"}  # Llama 3.1 ids
 

@@ -38,8 +38,14 @@ from llama31.checkpoints import save_hf
 from llama31.config import ModelArgs, RopeScaling
 from llama31.model import Transformer
 from reference.fileformat import dumps
-from reference.prompts import (LLAMA31_SPECIAL_IDS, VOCAB_MAP_FILE, default_long_tokens, encode_prompts,
-                               load_prompt_specs, VocabMap)
+from reference.prompts import (
+    LLAMA31_SPECIAL_IDS,
+    VOCAB_MAP_FILE,
+    VocabMap,
+    default_long_tokens,
+    encode_prompts,
+    load_prompt_specs,
+)
 
 RECIPE_FILE = "tiny_recipe.json"
 TINY_VOCAB = 512

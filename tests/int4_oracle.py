@@ -1,4 +1,5 @@
-"""Independent numpy oracles for the INT4 tests, written from the format descriptions (LLAMA31_FACTS s.9),
+"""Independent numpy oracles for the INT4 tests, written from the format descriptions
+(compressed-tensors pack-quantized; AutoGPTQ's qweight / qzeros / scales / g_idx),
 not from llama31.quant: plain loops over words and nibbles, float64 arithmetic.
 """
 

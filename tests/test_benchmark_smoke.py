@@ -1,4 +1,4 @@
-"""examples/benchmark.py runs end to end on the tiny preset (one repetition, a few tokens), so that it cannot rot."""
+"""examples/bench/benchmark.py runs end to end on the tiny preset (one repetition, a few tokens): it cannot rot."""
 
 import json
 import os
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "examples" / "bench"
 
 
 def kv_bytes(model: dict, element_bytes: int, context: float) -> float:
@@ -21,7 +22,7 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     out = tmp_path / "results.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
+        [sys.executable, str(BENCH / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
          "--dtypes", "fp32,int4", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
          "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--read-mib", "64",
          "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out), "--plot", str(tmp_path / "plot.png")],
@@ -60,12 +61,12 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
 def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
     import torch
 
-    from llama31.model.linear import packing_supported
+    from llama31.cpu.packed import packing_supported
 
     can_pack = packing_supported(torch.zeros(1, 1)) is None
     out = tmp_path / "gemv.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_gemv.py"), "--quick", "--reps", "1",
+    result = subprocess.run([sys.executable, str(BENCH / "bench_gemv.py"), "--quick", "--reps", "1",
                              "--threads", "1", "--inductor", "--json", str(out)], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,14 +81,14 @@ def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
 
 def test_compile_benchmark_runs_both_modes_on_the_tiny_preset(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    script = [sys.executable, str(ROOT / "examples" / "bench_compile.py"), "--preset", "tiny", "--dtypes", "fp32",
+    script = [sys.executable, str(BENCH / "bench_compile.py"), "--preset", "tiny", "--dtypes", "fp32",
               "--threads", "1", "--steps", "2", "--cache-dir", str(tmp_path / "cache")]
     # eager packed, eager plain and compiled steps, side by side
     result = subprocess.run(script + ["--prompt", "4"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("fp32"))
     assert row.count(" ms") == 3 and row.rstrip().endswith("x")
-    # --against: llama31/compiled.py's settings paired with other ones, each compiled once
+    # --against: llama31/cpu/compiled.py's settings paired with other ones, each compiled once
     result = subprocess.run(script + ["--layers", "1", "--reps", "2", "--against", '{"pattern_matcher": true}'],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

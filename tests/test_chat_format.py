@@ -1,6 +1,6 @@
 """Dialogs encode to the Llama 3.1 chat format, and generated ids parse back into the assistant's reply.
 
-Expected ids are assembled here from raw special-token numbers (facts sheet, sections 6 and 7) and HF
+Expected ids are assembled here from raw special-token numbers (Meta's Llama 3.1 model card and prompt-format documentation) and HF
 `tokenizers` encodings of the plain-text pieces; they are never our own output.
 """
 
@@ -41,7 +41,7 @@ def header(plain, role: str) -> list[int]:
 
 
 def test_header_ids_match_the_known_vectors(chat):
-    # Facts sheet: "user" 882, "system" 9125, "assistant" 78191, "\n\n" 271.
+    # Known ids of the Llama 3 vocabulary: "user" 882, "system" 9125, "assistant" 78191, "\n\n" 271.
     assert chat.encode_header("user") == [128006, 882, 128007, 271]
     assert chat.encode_header("system") == [128006, 9125, 128007, 271]
     assert chat.encode_header("assistant") == [128006, 78191, 128007, 271]

@@ -1,4 +1,4 @@
-"""Compiled decode steps (llama31/compiled.py) against HF transformers, and what compiling must not change.
+"""Compiled decode steps (llama31/cpu/compiled.py) against HF transformers, and what compiling must not change.
 
 The compiled step is the model's own function computed by inductor's kernels: float32 additions in another
 order, so the tolerance is that of every HF parity test (1e-4 max abs on logits, tests/test_hf_parity.py).
@@ -8,10 +8,10 @@ float32 tests.
 
 import pytest
 import torch
-
 from conftest import hf_greedy, hf_model
+
 from llama31 import Llama, Transformer
-from llama31.compiled import CompiledDecoder
+from llama31.cpu.compiled import CompiledDecoder
 from llama31.text import Tokenizer
 
 TOL = 1e-4

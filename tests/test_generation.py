@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import hf_greedy
+
 from llama31 import Transformer
 from llama31.generation import Llama
 from llama31.sampling import sample, top_p_filter
@@ -71,8 +71,9 @@ def test_max_gen_len_per_row_and_echo(tiny):
 
 def test_same_seed_same_tokens_different_seed_different(tiny):
     llama, _ = tiny
-    run = lambda seed: llama.generate([[1, 2, 3]], max_gen_len=20, temperature=1.0, top_p=0.95, seed=seed,
-                                      stop_tokens=[])[0]
+    def run(seed):
+        return llama.generate([[1, 2, 3]], max_gen_len=20, temperature=1.0, top_p=0.95, seed=seed, stop_tokens=[])[0]
+
     assert run(7) == run(7)
     assert run(7) != run(8)
 

@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{Path(name).name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,7 +36,7 @@ def test_quantize_example_writes_a_folder_and_prints_every_part(tmp_path, capsys
 
 
 def test_cpu_benchmark_smoke_mode(tmp_path, capsys):
-    bench = _example("bench_int4")
+    bench = _example("bench/bench_int4")
     assert bench.main(["--quick", "--json", str(tmp_path / "bench.json")]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
     paths = {row["path"] for row in results["layers"]}
@@ -49,7 +49,7 @@ def test_cpu_benchmark_smoke_mode(tmp_path, capsys):
 
 
 def test_gpu_benchmark_checks_run_on_cpu_with_the_reference(tmp_path):
-    bench = _example("bench_int4_cuda")
+    bench = _example("bench/bench_int4_cuda")
     assert bench.main(["--device", "cpu", "--impl", "reference", "--quick", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     checks = report["checks"]
@@ -63,7 +63,7 @@ def test_gpu_benchmark_checks_catch_a_broken_kernel(bug):
     from llama31.quant.linear import int4_linear_reference
     from llama31.quant.packing import dequantize, pack_int4, unpack_int4
 
-    bench = _example("bench_int4_cuda")
+    bench = _example("bench/bench_int4_cuda")
     n, k, g = 256, 512, 32
     tensors = quantize_weight(torch.randn(n, k) * 0.02, g, scale_dtype=torch.bfloat16)
     w32 = dequantize(**tensors)

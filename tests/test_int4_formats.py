@@ -4,8 +4,8 @@ matrix, convert to exactly that matrix and those scales; quantization_config par
 import numpy as np
 import pytest
 import torch
-
 from int4_oracle import act_order_g_idx, pack_signed, pack_words
+
 from llama31.quant import Int4Linear
 from llama31.quant.formats import (
     Int4Settings,
@@ -72,7 +72,8 @@ def test_gptq_symmetric_act_order_converts_to_the_known_matrix():
     layer.backend = "reference"  # the act-order permutation of the input, with fp32 accumulation
     y = layer(x.float()).double()
     # fp32 accumulation of 256 terms; relative to the size of the terms (see test_int4_quantize)
-    assert (y - x @ torch.from_numpy(expected).T).abs().max() <= K * 2**-24 * (x.abs() @ torch.from_numpy(np.abs(expected)).T).max()
+    bound = K * 2**-24 * (x.abs() @ torch.from_numpy(np.abs(expected)).T).max()
+    assert (y - x @ torch.from_numpy(expected).T).abs().max() <= bound
 
 
 @pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])

@@ -3,11 +3,10 @@ fused path (torch's int4 op) agrees with the reference path."""
 
 import pytest
 import torch
+from torch.nn import Linear
 
 from llama31.model.layers import Layers
-from llama31.model.linear import Linear
-from llama31.quant import Int4Layers, Int4Linear, quantize_weight
-from llama31.quant import cpu_fused
+from llama31.quant import Int4Layers, Int4Linear, cpu_fused, quantize_weight
 from llama31.quant.packing import dequantize
 
 needs_cpu_op = pytest.mark.skipif(not cpu_fused.is_available(128),

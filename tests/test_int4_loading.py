@@ -10,11 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from int4_oracle import act_order_g_idx, pack_signed, pack_words
+from safetensors.torch import save_file
+from torch.nn import Linear
+
 from llama31 import ModelArgs, Transformer
-from llama31.model.linear import Linear
+from llama31.cpu.packed import PackedLinear
 from llama31.quant import Int4Linear
 
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, max_seq_len=256)
@@ -38,7 +39,9 @@ def _known_layers(seed, act_order):
 
 
 def _float_tensors(rng):
-    t = lambda *shape, std=1.0: torch.from_numpy(rng.normal(0, std, shape).astype(np.float32))
+    def t(*shape, std=1.0):
+        return torch.from_numpy(rng.normal(0, std, shape).astype(np.float32))
+
     out = {"model.embed_tokens.weight": t(512, 128), "lm_head.weight": t(512, 128, std=0.1),
            "model.norm.weight": torch.from_numpy(rng.uniform(0.5, 1.5, 128).astype(np.float32))}
     for i in range(ARGS.n_layers):
@@ -124,8 +127,8 @@ def test_compressed_tensors_folder_loads_and_matches_hf_with_dequantized_weights
     _write(tmp_path / "ct", tensors, config)
     # pack=True packs the (tiny) float output layer; the INT4 tensors, views of the file, are then copied
     model = Transformer.from_pretrained(tmp_path / "ct", pack=pack)
-    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear) and type(model.output) is Linear
-    assert model.output.packed == bool(pack)
+    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear) and type(model.output) in (Linear, PackedLinear)
+    assert isinstance(model.output, PackedLinear) == bool(pack)
     _check_logits(model, _hf_reference(tmp_path, floats, layers))
 
 

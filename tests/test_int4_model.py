@@ -6,12 +6,18 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from torch.nn import Linear
 
 from llama31 import ModelArgs, Transformer
 from llama31.checkpoints import save_hf
-from llama31.model.linear import Linear
-from llama31.quant import (Int4Linear, cpu_fused, from_compressed_tensors, parse_quantization_config, quantize_model,
-                           quantize_weight)
+from llama31.quant import (
+    Int4Linear,
+    cpu_fused,
+    from_compressed_tensors,
+    parse_quantization_config,
+    quantize_model,
+    quantize_weight,
+)
 from llama31.quant.checkpoint import quantize_checkpoint
 from llama31.quant.packing import dequantize
 
@@ -69,7 +75,7 @@ def test_int4_model_logits_equal_hf_llama_with_the_dequantized_weights(tmp_path,
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         ours, theirs = quantized(TOKENS), hf(TOKENS).logits
-    # Both are fp32 forwards of the same weights (a plain decoder matches HF to ~3e-7, LLAMA31_FACTS s.11);
+    # Both are fp32 forwards of the same weights (a plain decoder matches HF to ~3e-7 relative, tests/test_hf_parity.py);
     # 1e-4 on logits of std ~3 leaves room for summation order and still fails on any weight mistake.
     assert (ours - theirs).abs().max() < 1e-4
 
@@ -153,7 +159,8 @@ def test_quantize_checkpoint_writes_a_compressed_tensors_folder(tmp_path):
         assert "model.layers.1.self_attn.q_proj.weight" not in names and "lm_head.weight" in names
         for hf_module, linear in [("model.layers.1.self_attn.q_proj", hf.model.layers[1].self_attn.q_proj),
                                   ("model.layers.0.mlp.down_proj", hf.model.layers[0].mlp.down_proj)]:
-            tensors = {key: f.get_tensor(f"{hf_module}.{key}") for key in ("weight_packed", "weight_scale", "weight_shape")}
+            tensors = {key: f.get_tensor(f"{hf_module}.{key}")
+                       for key in ("weight_packed", "weight_scale", "weight_shape")}
             assert tensors["weight_shape"].tolist() == list(linear.weight.shape)
             layer = from_compressed_tensors(tensors)
             # HF layout and HF row order: exactly the RTN quantization of HF's own float weight (in bf16)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from int4_oracle import pack_signed, unpack_words
+
 from llama31.quant.packing import dequantize, pack_int4, unpack_int4
 
 # N not a multiple of 8 or 16, K multiples of 8 that are not multiples of 16 / 32 / 128.

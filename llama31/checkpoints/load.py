@@ -12,6 +12,8 @@ process builds its 1/N of the model and reads only that slice of each tensor.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,9 @@ import torch
 from llama31 import parallel
 from llama31.checkpoints.hf import HFCheckpoint, is_hf_folder
 from llama31.checkpoints.meta import MetaCheckpoint, is_meta_folder
+from llama31.config import HF_KEYS, META_KEYS, ModelArgs
+from llama31.cpu.packed import pack_as_asked
+from llama31.errors import InputError, InputTypeError, check_int
 
 log = logging.getLogger("llama31")
 
@@ -29,6 +34,9 @@ def open_checkpoint(path, *, rank: int = 0, world_size: int = 1) -> HFCheckpoint
 
     rank, world_size: the model-parallel process that will read it (a Meta folder then opens that rank's file).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError("open_checkpoint", "path", f"must be the path of a checkpoint folder, got "
+                             f"{type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist (or is not a folder)")
@@ -50,14 +58,22 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
     dtype: of the weights (None: float32). device: where they go (None: CPU).
     max_seq_len: shorten the model's context (it sizes the RoPE tables; the default is the checkpoint's).
     progress: called as progress(bytes_loaded, bytes_total) after each tensor.
-    pack: store the linear weights in oneDNN's layout for CPU inference (Transformer.pack_weights; 1.3-2x faster
-    decoding). None: the layers that gain from it (CPU, float32 / bfloat16, one process, at least 2^19 weights);
-    False: none; True: every layer that can be packed, and ValueError if none can.
+    pack: swap the linear layers for ones whose weights are in oneDNN's layout, for faster CPU decoding
+    (llama31/cpu/packed.py). None: the layers that gain from it (CPU, float32 / bfloat16, one process, at least
+    2^19 weights); False: none; True: every layer that can be packed, and ValueError if none can.
     layers: how projections are built (llama31.model.layers). None: plain, or INT4 for a quantized checkpoint,
     or, when started by torchrun with several processes, llama31.parallel.ParallelLayers (this sets up the
     process group); each process then reads only its slice of every weight.
     The returned model has .checkpoint_info = {"format": "hf" | "meta", "path", "files"}.
     """
+    dtype = check_dtype(dtype, "load_pretrained")
+    device = check_device(device, "load_pretrained")
+    if max_seq_len is not None:
+        check_int(max_seq_len, "max_seq_len", "load_pretrained", minimum=1)
+    if pack is not None and not isinstance(pack, bool):
+        raise InputTypeError("load_pretrained", "pack", f"must be None, True or False, got {pack!r}")
+    if progress is not None and not callable(progress):
+        raise InputTypeError("load_pretrained", "progress", f"must be None or a function, got {progress!r}")
     if layers is None and parallel.world_size() > 1:
         layers = parallel.ParallelLayers()
     world_size = layers.model_parallel_size if layers is not None else 1
@@ -74,39 +90,6 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
     return model
 
 
-def pack_as_asked(model, pack: bool | None) -> None:
-    """The `pack` option of load_pretrained and Llama.build: None packs the layers that gain from it (at least
-    2^19 weights), True every layer that can be packed (ValueError if none can), False none."""
-    if pack is False:
-        return
-    packed = model.pack_weights() if pack is None else model.pack_weights(min_weights=0, required=True)
-    if packed:
-        own_remaining_weights(model)
-
-
-@torch.no_grad()
-def own_remaining_weights(model) -> None:
-    """Copy every plain (unpacked) parameter and buffer into memory of its own.
-
-    Weights read in the checkpoint's own dtype are views of the memory-mapped file (no copy at load). Packing
-    reads every page of that mapping, and the mapping stays open, its pages counted in the process's memory, as
-    long as any tensor still views it: the embedding, the norms (and INT4 tensors), which stay plain. Copying
-    those (the embedding: vocab_size x dim; shared parameters stay shared) lets the file be unmapped.
-    """
-    copies: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if not param.is_mkldnn:
-                if id(param) not in copies:
-                    copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-                setattr(module, name, copies[id(param)])
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if not buffer.is_mkldnn:
-                if id(buffer) not in copies:
-                    copies[id(buffer)] = buffer.clone()
-                module._buffers[name] = copies[id(buffer)]
-
-
 def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress):
     from llama31.model.transformer import Transformer
 
@@ -119,7 +102,8 @@ def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, prog
     elif ckpt.quantization and world_size > 1:
         raise NotImplementedError(f"{ckpt.path}: loading a quantized checkpoint on {world_size} processes is not "
                                   "supported; run it in one process, or convert the float weights")
-    args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
+    check_config_fits_tensors(ckpt)
+    args = ckpt.args if max_seq_len is None else _with_context(ckpt.args, max_seq_len)
     dtype = dtype or torch.float32
     model = model_class(args, dtype=dtype, device="meta", layers=layers)
     load_weights(model, ckpt, dtype=dtype, device=device or "cpu", progress=progress,
@@ -127,6 +111,86 @@ def _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, prog
     model.checkpoint_info = {"format": ckpt.format, "path": str(ckpt.path), "files": [str(f) for f in ckpt.files]}
     log.info("loaded %s checkpoint from %s (%d file(s))", ckpt.format.upper(), ckpt.path, len(ckpt.files))
     return model
+
+
+def _with_context(args: ModelArgs, max_seq_len: int) -> ModelArgs:
+    try:
+        return args.replace(max_seq_len=max_seq_len)
+    except InputError as e:
+        raise e.renamed("load_pretrained", "max_seq_len") from None
+
+
+_LAYER_INDEX = re.compile(r"^layers\.(\d+)\.")
+
+
+def check_config_fits_tensors(ckpt) -> None:
+    """Check the config's sizes against the shapes of the checkpoint's tensors, before any module is built.
+
+    A config describes the tensors it comes with; a size they contradict is a mistake in the config, and some
+    cost time or memory before the strict loader could see it (a model of 10**9 layers is built block by
+    block; the RoPE tables hold max_seq_len x head_dim/2 angles). Checked: the number of layers (at most as
+    many as the tensors hold; more tensors than layers is reported by the loader as unexpected tensors), the
+    embedding (vocab_size, dim), and the output rows of layer 0's wq, wk and w1 (n_heads x head_dim,
+    n_kv_heads x head_dim, hidden_dim). InputError names the config file and its key.
+    """
+    args, names = ckpt.args, set(ckpt.keys())
+    keys = HF_KEYS if ckpt.format == "hf" else META_KEYS
+
+    def fail(field: str, problem: str):
+        raise InputError(ckpt.config_file, keys.get(field, field), problem + "; check that the config matches "
+                         "the weights")
+
+    layers = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.match(name))}
+    found = max(layers) + 1 if layers else 0
+    if args.n_layers > found:
+        fail("n_layers", f"is {args.n_layers}, but the weights hold {found} layer(s)")
+    if "tok_embeddings.weight" in names:
+        shape = ckpt.shape("tok_embeddings.weight")
+        if len(shape) != 2 or shape[0] != args.vocab_size:
+            fail("vocab_size", f"is {args.vocab_size}, but the embedding has shape {shape} (vocab_size, dim)")
+        if shape[1] != args.dim:
+            fail("dim", f"is {args.dim}, but the embedding has shape {shape} (vocab_size, dim)")
+    for module, field, rows in (("attention.wq", "n_heads", args.n_heads * args.head_dim),
+                                ("attention.wk", "n_kv_heads", args.n_kv_heads * args.head_dim),
+                                ("feed_forward.w1", "hidden_dim", args.hidden_dim)):
+        found_rows = _output_rows(ckpt, names, f"layers.0.{module}")
+        if found_rows is not None and found_rows != rows:
+            sizes = f"{args.hidden_dim}" if field == "hidden_dim" else \
+                f"{getattr(args, field)} heads x head_dim {args.head_dim} = {rows}"
+            fail(field, f"gives {module} {sizes} output rows, but layers.0.{module} has {found_rows}")
+
+
+def _output_rows(ckpt, names: set[str], module: str) -> int | None:
+    """The output features of a linear layer as stored: a float weight (N, K), a packed INT4 weight_packed
+    (N, K/8) or a GPTQ qweight (K/8, N); None when the module is stored otherwise or not at all."""
+    for leaf, axis in (("weight", 0), ("weight_packed", 0), ("qweight", 1)):
+        if f"{module}.{leaf}" in names:
+            shape = ckpt.shape(f"{module}.{leaf}")
+            return shape[axis] if len(shape) == 2 else -1
+    return None
+
+
+def check_dtype(dtype, source: str, key: str = "dtype") -> torch.dtype | None:
+    """dtype, which must be None or a floating-point torch.dtype a Llama runs in."""
+    allowed = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if dtype is not None and dtype not in allowed:
+        error = InputError if isinstance(dtype, torch.dtype) else InputTypeError
+        raise error(source, key, f"must be one of torch.float32, torch.bfloat16, torch.float16, torch.float64 "
+                    f"(or None), got {dtype!r}")
+    return dtype
+
+
+def check_device(device, source: str, key: str = "device"):
+    """device (None, a str or a torch.device), checked by allocating an empty tensor there: an unknown name or a
+    device this machine lacks fails here, naming the argument, not in the middle of loading."""
+    if device is None:
+        return None
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # torch raises all of these
+        raise InputError(source, key, f"{device!r} cannot be used on this machine ({type(e).__name__}: {e}); use "
+                         "'cpu', or 'cuda' where a GPU is available") from None
+    return device
 
 
 def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank: int = 0,
@@ -168,18 +232,34 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
                        "the model has no such parameter. Does the config (layers, tied embeddings) match the "
                        "weights?")
 
+    def wrong_shape(name: str, found: tuple[int, ...], shape: tuple[int, ...]):
+        slice_of = f" (the slice of rank {rank} of {world_size})" if world_size > 1 else ""
+        where, what = (ckpt.path, f"INT4 module {name}") if name in int4_state else (file_of(name),
+                                                                                      ckpt.source_name(name))
+        return InputError(where, None, f"{what!r}{slice_of} has shape {found}, the model expects {shape}. Check "
+                          "that the config matches the weights.")
+
+    def floating(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        # an integer, boolean or complex tensor where a float weight belongs is a broken or foreign file: casting
+        # it would load numbers that mean nothing
+        if not tensor.is_floating_point():
+            raise InputError(file_of(name), repr(ckpt.source_name(name)), f"has dtype {tensor.dtype}; weights "
+                             "must be floating point (float32, bfloat16, float16). Is the file from another model "
+                             "or format?")
+        return tensor
+
     total = sum(_nbytes(shape, dtype) for shape in expected.values())
     done = 0
     state = {}
     for name, shape in expected.items():
-        tensor = int4_state[name] if name in int4_state else read(name)
+        if name in int4_state:
+            tensor = int4_state[name]
+        else:
+            if world_size == 1 and tuple(ckpt.shape(name)) != shape:  # before reading (or permuting) the tensor
+                raise wrong_shape(name, tuple(ckpt.shape(name)), shape)
+            tensor = floating(name, read(name))
         if tuple(tensor.shape) != shape:
-            slice_of = f" (the slice of rank {rank} of {world_size})" if world_size > 1 else ""
-            where, what = (ckpt.path, f"INT4 module {name}") if name in int4_state else (file_of(name),
-                                                                                          ckpt.source_name(name))
-            raise ValueError(f"{where}: {what!r}{slice_of} has shape "
-                             f"{tuple(tensor.shape)}, the model expects {shape}. Check that the config matches the "
-                             "weights.")
+            raise wrong_shape(name, tuple(tensor.shape), shape)
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor.to(device)
@@ -187,7 +267,7 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
         if progress:
             progress(done, total)
     if tied and "output.weight" in available:
-        output = read("output.weight").to(dtype)
+        output = floating("output.weight", read("output.weight")).to(dtype)
         if output.shape != state["tok_embeddings.weight"].shape or not torch.equal(
                 output.to(state["tok_embeddings.weight"].device), state["tok_embeddings.weight"]):
             raise ValueError(f"{file_of('output.weight')}: the config ties the output layer to the embedding, "

@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
+"""SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): w2(silu(w1 x) * w3 x).
 
 w1 is the "gate", w3 the "up" projection (HF: gate_proj, up_proj), w2 the "down" projection (HF: down_proj).
 dim -> hidden_dim -> dim, with hidden_dim = 14336 for 8B (ModelArgs derives it).
@@ -21,4 +21,5 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (bs, seqlen, dim) -> (bs, seqlen, dim)."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = F.silu(self.w1(x))  # (bs, seqlen, hidden_dim), e.g. (1, 7, 14336); silu(z) = z * sigmoid(z)
+        return self.w2(gate * self.w3(x))  # (1, 7, 4096)

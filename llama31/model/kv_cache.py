@@ -10,7 +10,7 @@ positions 0 .. T-1 are the contiguous slice [:, :, :T] that attention multiplies
 
 It is a plain object, not an nn.Module: it is per-request state, not part of the model (not in state dicts,
 not moved by model.to: Transformer.setup_cache allocates it where the weights are). That also lets a compiled
-decode step (llama31/compiled.py) take it as an input of any length, where torch.compile treats the tensors of
+decode step (llama31/cpu/compiled.py) take it as an input of any length, where torch.compile treats the tensors of
 a module as fixed parts of the graph.
 """
 

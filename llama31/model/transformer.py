@@ -1,10 +1,10 @@
 """The Llama 3.1 decoder: token ids in, float32 logits out.
 
-    h = tok_embeddings(tokens)                          (bs, seqlen, dim)
+    h = tok_embeddings(tokens)                          (bs, seqlen, dim), e.g. (1, 7, 4096)
     for each of n_layers blocks (pre-norm residual):
         h = h + Attention(RMSNorm(h))
         h = h + FeedForward(RMSNorm(h))
-    logits = output(RMSNorm(h))                         (bs, seqlen, vocab_size), float32
+    logits = output(RMSNorm(h))                         (bs, seqlen, vocab_size), e.g. (1, 7, 128256), float32
 
 KV-cache API (for generation):
     model.setup_cache(max_batch_size, max_seq_len)    allocate the cache once, in the model's dtype and device
@@ -12,9 +12,6 @@ KV-cache API (for generation):
     model(next_tokens, start_pos=n)                    decode: (bs, 1) tokens at position n see all n cached ones
     model.clear_cache()                                free it; without a cache, model(tokens) is a plain forward
 A row of the batch may be shorter than the cache's batch: row i of tokens uses row i of the cache.
-
-For CPU inference, model.pack_weights() stores the linear weights in oneDNN's layout (faster; same numbers to
-float rounding). Transformer.from_pretrained does it by default when the weights are on the CPU.
 """
 
 from __future__ import annotations
@@ -27,11 +24,8 @@ from llama31.model.attention import Attention, causal_mask
 from llama31.model.feedforward import FeedForward
 from llama31.model.kv_cache import KVCache
 from llama31.model.layers import Layers
-from llama31.model.linear import Linear, packing_supported
 from llama31.model.norm import RMSNorm
 from llama31.model.rope import RotaryEmbedding
-
-PACK_MIN_WEIGHTS = 1 << 19  # Transformer.pack_weights packs layers at least this big (2 MiB in float32)
 
 
 class TransformerBlock(nn.Module):
@@ -73,45 +67,14 @@ class Transformer(nn.Module):
         """Load a Meta folder (params.json + consolidated.NN.pth) or an HF folder (config.json + safetensors).
 
         dtype: of the weights (None: float32 for float checkpoints). The format found is reported in
-        ``model.checkpoint_info``. See llama31.checkpoints.load_pretrained for the other arguments.
-        Started by torchrun with several processes, the model is split over them (llama31.parallel) and each
-        process loads only its slice; it is called the same way and returns the same logits on every process.
+        ``model.checkpoint_info``. On the CPU the large linear weights are then packed for faster decoding
+        (llama31/cpu/packed.py; pack=False keeps nn.Linear). See llama31.checkpoints.load_pretrained for the
+        other arguments. Started by torchrun with several processes, the model is split over them
+        (llama31/parallel.py) and each process loads only its slice.
         """
         from llama31.checkpoints import load_pretrained  # the model core depends on no loader at import time
 
         return load_pretrained(path, dtype=dtype, device=device, model_class=cls, **kwargs)
-
-    def pack_weights(self, *, min_weights: int = PACK_MIN_WEIGHTS, required: bool = False) -> int:
-        """CPU inference: reorder the weight of every ``Linear`` with at least min_weights elements into oneDNN's
-        layout (llama31/model/linear.py): 1.3-2x faster decoding on a CPU. Smaller layers stay plain: a oneDNN
-        call costs ~15 us, F.linear ~3 us, and below ~2^19 weights that outweighs the faster streaming (measured
-        on a 2-core EPYC, float32, 1-2 threads). Layers that cannot be packed here (not on the CPU, float16, INT4,
-        model-parallel) stay as they are. Returns how many layers were packed; with required=True, ValueError
-        if none could be. Call it last: a packed model cannot change device or dtype. state_dict() still
-        returns plain weights.
-
-        With tied embeddings (3.2 1B / 3B) the output layer gets its own packed copy of the embedding matrix
-        (the lookup needs the plain one): vocab_size x dim more weights in memory (0.5 GB in bf16 for 1B).
-        """
-        count = 0
-        for module in self.modules():
-            if (isinstance(module, Linear) and not module.packed and module.weight.numel() >= min_weights
-                    and packing_supported(module.weight) is None):
-                module.pack()
-                count += 1
-        if required and count == 0:
-            linear = next((m for m in self.modules() if isinstance(m, Linear)), None)
-            why = packing_supported(linear.weight) if linear is not None else "the model has no plain Linear layer"
-            raise ValueError(f"no layer of the model can be packed: {why or 'every layer is smaller than min_weights'}"
-                             ". Packing needs float32 or bfloat16 weights on the CPU in one process; load with "
-                             "pack=False (or None)")
-        return count
-
-    def unpack_weights(self) -> None:
-        """Undo pack_weights: plain weights again (to change device or dtype, or to train)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.unpack()
 
     # ------------------------------------------------------------------ KV cache
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
@@ -146,9 +109,11 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         cos, sin = self.rope.tables(start_pos, seqlen, h.device)  # (seqlen, head_dim/2) each
-        mask = causal_mask(seqlen, start_pos, h.device)
+        # Which positions each new query may see. No tensor where none is needed: one new token sees everything
+        # cached, and from position 0 attention applies the plain lower triangle itself.
+        mask = None if seqlen == 1 or start_pos == 0 else causal_mask(seqlen, start_pos, h.device)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab_size)

@@ -29,8 +29,14 @@ from safetensors.torch import save_file
 
 from llama31.checkpoints import open_checkpoint
 from llama31.checkpoints.names import hf_rows_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
-from llama31.quant.formats import (Int4Settings, compressed_tensors_config, convert_layer, parse_quantization_config,
-                                   permute_output_rows, to_compressed_tensors)
+from llama31.quant.formats import (
+    Int4Settings,
+    compressed_tensors_config,
+    convert_layer,
+    parse_quantization_config,
+    permute_output_rows,
+    to_compressed_tensors,
+)
 from llama31.quant.model import Int4Layers
 from llama31.quant.rtn import quantize_weight
 

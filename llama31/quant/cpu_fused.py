@@ -11,18 +11,14 @@ It is fast only with bf16 activations (fp32 ones take a path 30-40x slower), so 
 bf16 and the result cast back: that rounding (relative 2**-9 per value) is the price of this path.
 The repacked copy is built once per layer (``repack``) and kept beside the canonical tensors.
 
-The op is a matrix-vector kernel: its time grows with the rows as if each row were a separate product
-(0.19 ms per row for the 8B's 4096 x 4096 wq: 197 ms for a 1024-token prefill, where bf16 F.linear takes 81 ms).
-From ``DEQUANTIZE_MIN_ROWS`` rows on (a prompt, not a decode step), ``matmul`` takes the route the CUDA path
-takes above its GEMV: it rebuilds W in bf16, one block of output rows at a time (small enough that the block
-is still in the cache when the matmul reads it), and multiplies by oneDNN's bf16 matmul. Rebuilding costs about
-5 ms per 16.7 M weights, and the product runs at bf16 speed: on the 8B's shapes, 0.84-0.92x bf16 at 1024 rows
-and 0.57-0.64x at 128, where the op runs at 0.41-0.44x (``python examples/bench_int4.py --no-model
-[--prefill-rows 128]``). Those weights are the canonical dequantization rounded to bf16 (relative 2**-9,
-like the activations): (q - zp) * scale needs up to 12 significant bits and bf16 has 8, where the op keeps
-them exact. On a tiny bf16 model a prompt's logits then
-differ from the exact reference by 8e-3 (mean relative), about what bf16 arithmetic costs the float model
-(8.5e-3), against 3e-4 through the op; both are far below INT4's own error (tests/test_int4_model.py).
+The op is a matrix-vector kernel: its time grows with the rows as if each row were a separate product, so
+for a prompt it is slower than the bf16 matmul. From ``DEQUANTIZE_MIN_ROWS`` rows on (a prompt, not a decode
+step), ``matmul`` takes the route the CUDA path takes above its GEMV: it rebuilds W in bf16, one block of output
+rows at a time (small enough that the block is still in the cache when the matmul reads it), and multiplies by
+oneDNN's bf16 matmul, at bf16 speed plus the rebuild. Those weights are the canonical dequantization rounded to
+bf16 (relative 2**-9, like the activations): (q - zp) * scale needs up to 12 significant bits and bf16 has 8,
+where the op keeps them exact; both errors are far below INT4's own (tests/test_int4_model.py). The timings
+are in docs/benchmarks.md (``python examples/bench/bench_int4.py --no-model``).
 """
 
 from __future__ import annotations
@@ -37,12 +33,12 @@ from llama31.quant.packing import OFFSET, unpack_int4
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)  # what the op accepts (it checks qGroupSize)
 _N_MULTIPLE = 16
 _INNER_K_TILES = 2  # a layout parameter of the conversion; the CPU op accepts any of 1, 2, 4, 8
-# Rows from which dequantize-then-matmul beats the op: the rebuild's fixed cost equals the op's extra time per row
-# between 64 and 96 rows on every 1B and 8B shape (2-core Zen 4; 96 rows: 17.7 against 18.7 ms on 4096 x 4096).
+# Rows from which dequantize-then-matmul beats the op: where the rebuild's fixed cost equals the op's extra time
+# per row (between 64 and 96 rows on every 1B and 8B shape measured; docs/benchmarks.md).
 DEQUANTIZE_MIN_ROWS = 96
 # Weights rebuilt per block: 16 MiB of bf16, half a 32 MiB L3, so the matmul reads the block from the cache.
 # Smaller blocks lose more than they gain: 4 MiB blocks of the 8B's w2 (K = 14336) are 146 rows wide, a narrow
-# matmul that re-reads all of x per block (428 ms at 1024 rows against 323 ms; examples/bench_int4.py).
+# matmul that re-reads all of x per block.
 BLOCK_WEIGHTS = 2**23
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the rebuild reads the int32 words as bytes
 
@@ -126,7 +122,7 @@ def _dequantize_rows(weight: CpuInt4Weight, start: int, out: torch.Tensor, pairs
     bf16 scale: u - (8 + zp) is a small integer (exact in bf16), so the product is rounded once, as there.
     pairs and high are int16 (rows, K/2) scratch. Every op writes into a buffer the caller reuses (a fresh
     tensor of several MiB per op costs more in page faults than the op itself), and each runs over whole
-    contiguous tensors (writing the two nibbles of a byte to alternate elements took 2.5x as long).
+    contiguous tensors (writing the two nibbles of a byte to alternate elements is much slower).
     """
     rows, k = out.shape
     # Word j holds columns 8j .. 8j+7, least significant nibble first; read as little-endian bytes, byte b of

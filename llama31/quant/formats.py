@@ -182,7 +182,8 @@ def from_gptq(tensors: Tensors, *, checkpoint_format: str = "gptq", act_order: b
     return _canonical(q, scales.T.contiguous(), zp if zp.any() else None, tensors.get("g_idx"), act_order, name)
 
 
-def from_compressed_tensors(tensors: Tensors, *, act_order: bool | None = None, name: str = "") -> dict[str, torch.Tensor]:
+def from_compressed_tensors(tensors: Tensors, *, act_order: bool | None = None,
+                            name: str = "") -> dict[str, torch.Tensor]:
     """compressed-tensors pack-quantized tensors of one layer -> Int4Linear tensors.
 
     Without act-order, weight_packed / weight_scale pass through unchanged (no repacking).
@@ -248,7 +249,7 @@ def to_compressed_tensors(tensors: Tensors, name: str = "") -> dict[str, torch.T
 def permute_output_rows(tensors: Tensors, index: torch.Tensor) -> dict[str, torch.Tensor]:
     """Reorder the output rows n of one layer's Int4Linear tensors: row i of the result is row index[i].
 
-    For the HF <-> Meta q/k permutation of wq / wk (LLAMA31_FACTS section 5), applied to INT4 weights.
+    For the HF <-> Meta q/k permutation of wq / wk (llama31/checkpoints/names.py), applied to INT4 weights.
     """
     out = dict(tensors)
     n = tensors["weight_packed"].shape[0]

@@ -118,8 +118,8 @@ class Int4Linear(nn.Module):
                 raise ValueError(f"Int4Linear.backend is 'cpu_fused' but the input is on {device}; use 'auto'")
             if not cpu_fused.is_available(self.group_size):
                 raise RuntimeError(f"Int4Linear: torch {torch.__version__} has no CPU int4 op for group size "
-                                   f"{self.group_size} (needs torch >= 2.6 and g in {cpu_fused.SUPPORTED_GROUP_SIZES}); "
-                                   "use backend 'reference'")
+                                   f"{self.group_size} (needs torch >= 2.6 and g in "
+                                   f"{cpu_fused.SUPPORTED_GROUP_SIZES}); use backend 'reference'")
         if backend == "cuda" and device.type != "cuda":
             raise ValueError(f"Int4Linear.backend is 'cuda' but the input is on {device}; use 'auto'")
         return backend

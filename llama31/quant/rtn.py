@@ -11,10 +11,10 @@ For each output row n and group of g consecutive inputs (the group holds W[n, j*
       zp    = clamp(round(-8 - lo / scale), -8, 7)
       q     = clamp(round(W / scale) + zp, -8, 7)
 
-Everything is computed in fp32 (the scale as the correctly rounded fp32 quotient); round() is half-to-even (torch.round). The scale is first rounded to the
-dtype it is stored in (bf16 for a bf16 model) and q is computed with that stored scale, so dequantizing
-(q - zp) * scale reproduces exactly what the integers were chosen for. A group of zeros gets the smallest
-positive fp32 scale (eps) instead of 0, which would divide by zero.
+Everything is computed in fp32 (the scale as the correctly rounded fp32 quotient); round() is half-to-even
+(torch.round). The scale is first rounded to the dtype it is stored in (bf16 for a bf16 model) and q is computed
+with that stored scale, so dequantizing (q - zp) * scale reproduces exactly what the integers were chosen for.
+A group of zeros gets the smallest positive fp32 scale (eps) instead of 0, which would divide by zero.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def check_group_size(in_features: int, group_size: int, where: str = "") -> None
                          f"straddle two groups), got {group_size}; use 32, 64 or 128")
     if in_features % group_size:
         raise ValueError(f"{where}in_features K={in_features} is not a multiple of group_size {group_size}; "
-                         f"use a group size that divides it (e.g. one of {[g for g in GROUP_SIZES if in_features % g == 0]})")
+                         f"use a group size that divides it (e.g. one of "
+                         f"{[g for g in GROUP_SIZES if in_features % g == 0]})")
 
 
 @torch.no_grad()

@@ -8,9 +8,11 @@ but choose *where* to cut so that, on ordinary text, the ids equal those of enco
 (tests compare against HF tokenizers, which encodes long text whole):
 
 * A cut is exact when it falls on a boundary of the pre-tokenizer's pieces, because tiktoken splits text with
-  the regex (facts sheet, section 6) and runs BPE inside each piece independently:
+  the regex (SPLIT_PATTERN in tokenizer.py, Meta's llama-models tokenizer) and runs BPE inside each piece
+  independently:
 
-      (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+
+      (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*
+      |\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+
 
   Two kinds of position are piece boundaries whatever surrounds them (``_is_piece_boundary``):
     - a letter followed by a non-letter: every alternative that holds a letter ends where the run of

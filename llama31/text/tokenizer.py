@@ -5,7 +5,7 @@ Ids -> text:  tiktoken (ids -> bytes) -> UTF-8 (invalid or incomplete bytes beco
 
 The vocabulary file ``tokenizer.model`` holds one line per token, "base64(bytes) rank", ranks 0..127999
 (the same file for Llama 3, 3.1 and 3.2). The 256 special tokens take ids 128000..128255 with the names
-of Meta's 3.1 reference (facts sheet, section 6); HF's tokenizer.json files for 3.0 name some of them
+of Meta's 3.1 reference (llama-models, models/llama3/tokenizer.py); HF's tokenizer.json files for 3.0 name some of them
 differently (128005 is "<|reserved_special_token_2|>" there, "<|step_id|>" here), but the ids agree.
 
 Text that merely looks like a special token ("<|eot_id|>" typed by a user) is encoded as plain text unless

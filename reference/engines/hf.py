@@ -16,8 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reference.engines.common import (EngineOutputs, chunked_prompt_then_greedy, parse_args, parser, read_golden,
-                                      run_prompts, write_candidate)
+from reference.engines.common import (
+    EngineOutputs,
+    chunked_prompt_then_greedy,
+    parse_args,
+    parser,
+    read_golden,
+    run_prompts,
+    write_candidate,
+)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

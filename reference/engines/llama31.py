@@ -17,8 +17,15 @@ import torch
 
 from llama31 import Llama, Transformer, __version__
 from llama31.text import Tokenizer
-from reference.engines.common import (EngineOutputs, chunked_prompt_then_greedy, parse_args, parser, read_golden,
-                                      run_prompts, write_candidate)
+from reference.engines.common import (
+    EngineOutputs,
+    chunked_prompt_then_greedy,
+    parse_args,
+    parser,
+    read_golden,
+    run_prompts,
+    write_candidate,
+)
 from reference.logits import hidden_summary, topk_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,13 +1,13 @@
 """CPU benchmark of INT4 (W4A16) against float weights: single layers at decode shapes, then a whole model.
 
-    python examples/bench_int4.py              decode shapes of the 8B model + a ~1.2B-parameter model decoding
-    python examples/bench_int4.py --quick      a few seconds: tiny shapes and a tiny model (used by the tests)
-    python examples/bench_int4.py --json out.json
-    python examples/bench_int4.py --threads 1  the steadiest numbers on a machine shared with other work (a
+    python examples/bench/bench_int4.py              decode shapes of the 8B model + a ~1.2B-parameter model decoding
+    python examples/bench/bench_int4.py --quick      a few seconds: tiny shapes and a tiny model (used by the tests)
+    python examples/bench/bench_int4.py --json out.json
+    python examples/bench/bench_int4.py --threads 1  the steadiest numbers on a machine shared with other work (a
                                                2-thread op stalls whenever either thread is descheduled)
 
 1. Layers, batch 1 (one token, as in decoding): y = x @ W.T for W [N, K] in fp32 and bf16 (F.linear, and
-   llama31's Linear with its weight packed for oneDNN, the default on a CPU), and Int4Linear's reference path
+   llama31's PackedLinear, its weight in oneDNN's layout, the default on a CPU), and Int4Linear's reference path
    (unpack + dequantize + matmul: slow by design) and its fused CPU path
    (torch's int4 op, bf16 activations). Decoding reads every weight once per token, so time ~ bytes.
 2. Layers, many rows (--prefill-rows, default 1024: a prompt being prefilled): bf16 F.linear and packed, and
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from llama31 import ModelArgs, Transformer
-from llama31.model.linear import Linear
+from llama31.cpu.packed import PackedLinear, pack_weights, unpack_weights
 from llama31.quant import Int4Linear, cpu_fused, quantize_model
 
 DECODE_SHAPES = [  # (name, N, K) of the 8B model
@@ -69,9 +69,7 @@ def bench_layers(shapes, iters: int, group_size: int) -> list[dict]:
             "bf16 F.linear": (best_time(lambda: F.linear(x_bf16, w_bf16), iters), w.numel() * 2),
         }
         for path, weight, inputs in (("fp32 packed", w, x), ("bf16 packed", w_bf16, x_bf16)):
-            packed = Linear(k, n, dtype=weight.dtype)
-            packed.load_state_dict({"weight": weight})
-            packed.pack()
+            packed = PackedLinear(weight)
             with torch.no_grad():
                 times[path] = (best_time(lambda: packed(inputs), iters), weight.numel() * weight.element_size())
         layer.backend = "reference"
@@ -83,7 +81,6 @@ def bench_layers(shapes, iters: int, group_size: int) -> list[dict]:
         for path, (seconds, nbytes) in times.items():
             rows.append({"shape": name, "path": path, "ms": seconds * 1e3, "GB/s": nbytes / seconds / 1e9,
                          "speedup_vs_fp32": fp32 / seconds})
-        del w, w_bf16, layer
         gc.collect()
     return rows
 
@@ -95,9 +92,7 @@ def bench_prefill_layers(shapes, rows: int, iters: int, group_size: int) -> list
         torch.manual_seed(0)
         w_bf16 = (torch.randn(n, k) * 0.02).bfloat16()
         x = torch.randn(rows, k).bfloat16()
-        packed = Linear(k, n, dtype=torch.bfloat16)
-        packed.load_state_dict({"weight": w_bf16})
-        packed.pack()
+        packed = PackedLinear(w_bf16)
         layer = Int4Linear.from_float(w_bf16, group_size, dtype=torch.bfloat16, backend="cpu_fused")
         with torch.no_grad():
             times = {"bf16 F.linear": best_time(lambda: F.linear(x, w_bf16), iters),
@@ -113,7 +108,6 @@ def bench_prefill_layers(shapes, rows: int, iters: int, group_size: int) -> list
         for path, seconds in times.items():
             out.append({"shape": name, "rows": rows, "path": path, "ms": seconds * 1e3,
                         "x bf16 F.linear": times["bf16 F.linear"] / seconds})
-        del w_bf16, packed, layer
         gc.collect()
     return out
 
@@ -157,16 +151,16 @@ def bench_model(args: ModelArgs, group_size: int, prompt_len: int, new_tokens: i
     torch.manual_seed(0)
     model = Transformer(args, dtype=torch.float32)
     results["params"] = sum(p.numel() for p in model.parameters())
-    model.pack_weights()
+    pack_weights(model)
     results["fp32 tok/s"] = decode_tokens_per_s(model, prompt_len, new_tokens)
-    model.unpack_weights()
+    unpack_weights(model)
     model = model.to(torch.bfloat16)
-    model.pack_weights()
+    pack_weights(model)
     gc.collect()
     results["bf16 tok/s"] = decode_tokens_per_s(model, prompt_len, new_tokens)
-    model.unpack_weights()
+    unpack_weights(model)
     quantized = quantize_model(model, group_size)  # a bf16 model: bf16 scales, norms and embeddings
-    quantized.pack_weights()
+    pack_weights(quantized)
     del model
     gc.collect()
     results["int4 tok/s"] = decode_tokens_per_s(quantized, prompt_len, new_tokens)

@@ -1,23 +1,23 @@
 """Which matrix-vector kernel streams weights fastest on this CPU, against a plain read of the same bytes.
 
-    python examples/bench_gemv.py                       the 1B model's shapes (and fused ones), 768 MiB per shape
-    python examples/bench_gemv.py --dtype bf16          the same in bfloat16
-    python examples/bench_gemv.py --quick               seconds: small shapes, 32 MiB (used by the tests)
-    python examples/bench_gemv.py --inductor            also inductor's own kernels (compiles each shape first)
-    THP_MEM_ALLOC_ENABLE=1 python examples/bench_gemv.py    the same with 2 MiB pages (a torch setting)
+    python examples/bench/bench_gemv.py                       the 1B model's shapes (and fused ones), 768 MiB per shape
+    python examples/bench/bench_gemv.py --dtype bf16          the same in bfloat16
+    python examples/bench/bench_gemv.py --quick               seconds: small shapes, 32 MiB (used by the tests)
+    python examples/bench/bench_gemv.py --inductor            also inductor's own kernels (compiles each shape first)
+    THP_MEM_ALLOC_ENABLE=1 python examples/bench/bench_gemv.py    the same with 2 MiB pages (a torch setting)
 
 Decoding one token multiplies one row by every weight matrix, y = W x, so it can go no faster than the weights
-stream from memory: that is the roofline examples/benchmark.py judges decoding against. This script shows how
+stream from memory: that is the roofline examples/bench/benchmark.py judges decoding against. This script shows how
 close each available kernel comes, shape by shape. For each shape it builds enough copies to fill --megabytes
 (24x a 32 MiB L3 by default: none is served from the cache) and walks them in turn, as a model walks its layers:
 
-  oneDNN packed   llama31's Linear after pack(): oneDNN's layout for one row (the CPU default)
+  oneDNN packed   llama31's PackedLinear: oneDNN's layout for one row (the CPU default)
   MKL packed      torch.ops.mkl._mkl_linear on an MKL-packed weight (what torch.compile uses for fp32 linears;
                   fp32 only)
   F.linear        what HF transformers and llama31 with pack=False run
   torch.mv        the plain BLAS matrix-vector product
   inductor        (--inductor) the copies as one module under torch.compile with the options of
-                  llama31/compiled.py (frozen weights, max-autotune: inductor's C++ GEMM kernels timed against
+                  llama31/cpu/compiled.py (frozen weights, max-autotune: inductor's C++ GEMM kernels timed against
                   ATen's), what Llama(compile=True) and generate.py --compile decode with
 
 Each kernel's walk is bracketed by two walks of amax over the same plain matrices, their bytes read as float32
@@ -41,7 +41,7 @@ import torch
 import torch._inductor.config  # noqa: F401  (its patch, for --inductor)
 import torch.nn.functional as F
 
-from llama31.model.linear import Linear, packing_supported
+from llama31.cpu.packed import PackedLinear, packing_supported
 
 SHAPES = [  # (name, out_features, in_features) of the Llama 3.2 1B shape
     ("wq / wo 2048x2048", 2048, 2048),
@@ -74,12 +74,7 @@ def kernels(weights: list[torch.Tensor], inductor: bool = False) -> dict:
     out = {"F.linear": [lambda w=w: F.linear(x, w) for w in weights],
            "torch.mv": [lambda w=w: torch.mv(w, x[0]) for w in weights]}
     if packing_supported(weights[0]) is None:
-        packed = []
-        for w in weights:
-            layer = Linear(w.shape[1], w.shape[0], dtype=w.dtype)
-            layer.load_state_dict({"weight": w})
-            layer.pack()
-            packed.append(layer)
+        packed = [PackedLinear(w) for w in weights]
         out["oneDNN packed"] = [lambda layer=layer: layer(x) for layer in packed]
     if (weights[0].dtype == torch.float32 and torch.backends.mkl.is_available()
             and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")):
@@ -87,12 +82,12 @@ def kernels(weights: list[torch.Tensor], inductor: bool = False) -> dict:
         out["MKL packed"] = [lambda w=w, m=m: torch.ops.mkl._mkl_linear(x, m, w, None, 1)
                              for w, m in zip(weights, mkl)]
     if inductor:
-        from llama31.compiled import INDUCTOR_OPTIONS
+        from llama31.cpu.compiled import INDUCTOR_OPTIONS
 
         compiled = torch.compile(AllOf(weights).eval())
 
         def all_compiled():
-            with torch._inductor.config.patch(INDUCTOR_OPTIONS):  # as llama31/compiled.py applies them
+            with torch._inductor.config.patch(INDUCTOR_OPTIONS):  # as llama31/cpu/compiled.py applies them
                 return compiled(x)
 
         out["inductor"] = [all_compiled]  # compiled (and autotuned) in the first, uncounted round
@@ -156,8 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5; medians are reported)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight and input dtype")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--inductor", action="store_true", help="also time inductor's kernels (torch.compile with "
-                                                                "llama31/compiled.py's options; compiles each shape)")
+    parser.add_argument("--inductor", action="store_true", help="also time inductor's kernels (torch.compile "
+                        "with llama31/cpu/compiled.py's options; compiles each shape)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:

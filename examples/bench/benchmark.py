@@ -1,8 +1,8 @@
 """Benchmark llama31 against HF transformers on the same random weights: decode, prefill, TTFT, memory.
 
-    python examples/benchmark.py                                   # the Llama 3.2 1B shape, fp32 + bf16 (+ INT4)
-    python examples/benchmark.py --preset tiny --reps 1            # seconds, for a quick look
-    python examples/benchmark.py --dtypes bf16 --batch-sizes 1 --prefill-lens 128 --engines llama31
+    python examples/bench/benchmark.py                                   # the Llama 3.2 1B shape, fp32 + bf16 (+ INT4)
+    python examples/bench/benchmark.py --preset tiny --reps 1            # seconds, for a quick look
+    python examples/bench/benchmark.py --dtypes bf16 --batch-sizes 1 --prefill-lens 128 --engines llama31
 
 What it does
   * Builds a random Llama 3.1-architecture model of --preset (weights ~ N(0, 0.02) from a fixed seed, bf16)
@@ -10,7 +10,7 @@ What it does
     llama31 with Transformer.from_pretrained (which on a CPU packs the linear weights for oneDNN, as users get
     it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains;
     llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
-    llama31/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
+    llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
     HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31
     only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations.
   * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
@@ -68,7 +68,8 @@ from llama31.config import ModelArgs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
 # llama31-plain: pack=False, F.linear on plain weights (what the packing gains); llama31-compile: batch-1 decode
-# steps compiled (llama31/compiled.py; a second copy of the weights: run it with few other engines); hf: transformers.
+# steps compiled (llama31/cpu/compiled.py; a second copy of the weights: run it with few other engines);
+# hf: transformers.
 ENGINES = ("llama31", "llama31-plain", "llama31-compile", "hf")
 DEFAULT_ENGINES = ["llama31", "hf"]
 
@@ -204,7 +205,7 @@ class Llama31Engine:
         # as users load it: from_pretrained packs the large linear weights on a CPU (pack=None), or not (False)
         pack_option = None if pack and not compile else False
         if dtype == "int4":  # as Llama.build(int4_group_size=...) does: quantize the float model, then pack
-            from llama31.checkpoints.load import pack_as_asked
+            from llama31.cpu.packed import pack_as_asked
             from llama31.quant import quantize_model
 
             model = Transformer.from_pretrained(folder, dtype=torch.bfloat16, pack=False)
@@ -398,7 +399,7 @@ class Worker:
 # ====================================================================== bandwidth
 class ReadProbe:
     """How fast this process streams memory into its cores (GB/s): the best of `repeats` passes of inductor's
-    C++ matrix-vector kernel (llama31/compiled.py's options: frozen weight, max-autotune) over a matrix of `mib`
+    C++ matrix-vector kernel (llama31/cpu/compiled.py's options: frozen weight, max-autotune) over a matrix of `mib`
     MiB of random float32 (random: the host could serve identical pages from one copy in its cache).
 
     The fastest reader torch has on this 2-core EPYC: when the VM's memory gives 50-65 GB/s, it streams 10-20%
@@ -416,7 +417,7 @@ class ReadProbe:
                                                requires_grad=False)
         self.x = torch.rand(1, 8192)
         try:
-            from llama31.compiled import INDUCTOR_OPTIONS
+            from llama31.cpu.compiled import INDUCTOR_OPTIONS
 
             compiled = torch.compile(self.layer)
             with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.inference_mode():
@@ -745,7 +746,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
                         help="comma-separated, from: llama31 (as from_pretrained loads it: packed weights on a CPU), "
                              "llama31-plain (pack=False: F.linear), llama31-compile (batch-1 decode steps through "
-                             "torch.compile: llama31/compiled.py), hf (default: llama31,hf)")
+                             "torch.compile: llama31/cpu/compiled.py), hf (default: llama31,hf)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch threads in every engine (default {torch.get_num_threads()})")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")

@@ -1,9 +1,9 @@
 """Check and time the fused INT4 CUDA path (llama31/quant/csrc) on a GPU; about 3 minutes on an H200.
 
-    python examples/bench_int4_cuda.py                    build the extension, check it, time it
-    python examples/bench_int4_cuda.py --json int4.json   also write every result
-    python examples/bench_int4_cuda.py --check-only       correctness only
-    python examples/bench_int4_cuda.py --device cpu --impl reference --quick
+    python examples/bench/bench_int4_cuda.py                    build the extension, check it, time it
+    python examples/bench/bench_int4_cuda.py --json int4.json   also write every result
+    python examples/bench/bench_int4_cuda.py --check-only       correctness only
+    python examples/bench/bench_int4_cuda.py --device cpu --impl reference --quick
                                                           a dry run of the checking logic without a GPU
 
 1. Correctness, against the reference (dequantize in fp32, then an fp32 matmul with TF32 off), for
@@ -200,16 +200,16 @@ def run_timing(shapes, rows, log) -> list[dict]:
             io_bytes = (m * k + m * n) * 2
             graph = m <= cuda.MAX_GEMV_ROWS
             row = {"N": n, "K": k, "M": m}
-            row["ours_us"] = 1e6 * time_call(lambda: cuda.int4_linear(
-                x, tensors["weight_packed"], tensors["weight_scale"], None, group_size, out=out), graph)
-            row["bf16_us"] = 1e6 * time_call(lambda: F.linear(x, weight), graph)
+            row["ours_us"] = 1e6 * time_call(lambda t=tensors: cuda.int4_linear(
+                x, t["weight_packed"], t["weight_scale"], None, group_size, out=out), graph)
+            row["bf16_us"] = 1e6 * time_call(lambda w=weight: F.linear(x, w), graph)
             row["ours_GBps"] = (int4_bytes + io_bytes) / row["ours_us"] / 1e3
             row["bf16_GBps"] = (weight.numel() * 2 + io_bytes) / row["bf16_us"] / 1e3
             row["speedup_vs_bf16"] = row["bf16_us"] / row["ours_us"]
             if tiny is not None:
                 try:
                     row["torch_int4_us"] = 1e6 * time_call(
-                        lambda: torch.ops.aten._weight_int4pack_mm(x, tiny[0], group_size, tiny[1]), graph)
+                        lambda t=tiny: torch.ops.aten._weight_int4pack_mm(x, t[0], group_size, t[1]), graph)
                     row["speedup_vs_torch_int4"] = row["torch_int4_us"] / row["ours_us"]
                 except Exception as e:  # shapes or dtypes this torch's kernel does not take
                     row["torch_int4_error"] = f"{type(e).__name__}: {str(e)[:80]}"

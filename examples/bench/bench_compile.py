@@ -1,14 +1,14 @@
 """What does torch.compile gain for decoding on a CPU? One decode step, eager (packed and plain) vs compiled.
 
-    python examples/bench_compile.py                      # the benchmark's 3.2-1B-shaped random model, fp32 + bf16
-    python examples/bench_compile.py --preset tiny        # where Python overhead dominates
-    python examples/bench_compile.py --layers 8 --against '{"pattern_matcher": true}'   # inductor settings, A/B
+    python examples/bench/bench_compile.py                 # the benchmark's 3.2-1B-shaped random model, fp32 + bf16
+    python examples/bench/bench_compile.py --preset tiny        # where Python overhead dominates
+    python examples/bench/bench_compile.py --layers 8 --against '{"pattern_matcher": true}'   # inductor settings, A/B
 
-Loads the random model that examples/benchmark.py saves (same --preset, --cache-dir) three ways, in this
+Loads the random model that examples/bench/benchmark.py saves (same --preset, --cache-dir) three ways, in this
 process, one after the other:
     eager packed   Transformer.from_pretrained as users get it (large linear weights packed for oneDNN)
     eager plain    pack=False (F.linear)
-    compiled       llama31.compiled.CompiledDecoder over the plain model, as Llama(compile=True) and
+    compiled       llama31.cpu.compiled.CompiledDecoder over the plain model, as Llama(compile=True) and
                    generate.py --compile run it: torch.compile(dynamic=True) with frozen weights and
                    max-autotune (inductor's C++ GEMM kernels timed against ATen's for each weight shape)
 and times --steps single-token decode steps after a --prompt-token prefill. Reports the compile time (the
@@ -16,10 +16,10 @@ first two steps: autotuning included unless inductor's disk cache already has th
 and the speed-up of the compiled step over the eager packed one.
 
 --against JSON measures inductor settings instead: two copies of the model, one compiled with the settings of
-llama31/compiled.py (INDUCTOR_OPTIONS) and one with those replaced by JSON, their steps alternated (--reps
+llama31/cpu/compiled.py (INDUCTOR_OPTIONS) and one with those replaced by JSON, their steps alternated (--reps
 repetitions of --steps steps each, the memory bandwidth read before and after each by benchmark.py's ReadProbe),
 and reports the median ratio of the paired step times and each one's fraction of the faster of those two reads
-(the roofline, as examples/benchmark.py draws it). Pairing
+(the roofline, as examples/bench/benchmark.py draws it). Pairing
 matters on a shared VM: its bandwidth moves by 2x from one minute to the next, more than most settings change.
 --layers N keeps the first N layers (two compiled copies of the 1B shape need ~4x its 5 GB of weights in fp32).
 """
@@ -37,11 +37,16 @@ import torch
 import torch._inductor.config  # noqa: F401  (its patch: --against is checked before loading)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import (DTYPES, PRESETS, ReadProbe, model_folder,  # noqa: E402  (the same model, cache,
-                       weight_bytes_read)  # bandwidth probe and bytes per step as examples/benchmark.py)
+from benchmark import (  # noqa: E402  (the same model, cache,
+    DTYPES,
+    PRESETS,
+    ReadProbe,
+    model_folder,
+    weight_bytes_read,  # bandwidth probe and bytes per step as examples/bench/benchmark.py)
+)
 
 from llama31 import Transformer  # noqa: E402
-from llama31.compiled import CompiledDecoder  # noqa: E402
+from llama31.cpu.compiled import CompiledDecoder  # noqa: E402
 
 
 @torch.inference_mode()
@@ -95,7 +100,7 @@ def compare_options(folder: Path, dtype: torch.dtype, layers: int | None, agains
                 times.append(time.perf_counter() - start)
             medians.append(statistics.median(times))
         pos += steps
-        read = max(before, probe.gbps(3))  # as examples/benchmark.py: the faster read bounds the step
+        read = max(before, probe.gbps(3))  # as examples/bench/benchmark.py: the faster read bounds the step
         for f, m in zip(fractions, medians):
             f.append(weight_bytes / m / 1e9 / read)
         ratios.append(medians[0] / medians[1])
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     default_cache = Path("~/.cache") / "llama31-benchmark"
     parser.add_argument("--cache-dir", default=str(default_cache), help=f"as benchmark.py (default {default_cache})")
     parser.add_argument("--against", metavar="JSON", help="A/B: inductor settings replacing those of "
-                        "llama31/compiled.py in a second compiled copy, e.g. '{\"pattern_matcher\": true}'")
+                        "llama31/cpu/compiled.py in a second compiled copy, e.g. '{\"pattern_matcher\": true}'")
     parser.add_argument("--layers", type=int, help="with --against: keep the first N layers only")
     parser.add_argument("--reps", type=int, help="with --against: paired repetitions (default 20)")
     args = parser.parse_args(argv)
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
         folder = model_folder(args.preset, Path(args.cache_dir).expanduser())
         for name in args.dtypes.split(","):
             print(f"{args.preset} {name}, first {args.layers or 'all'} layers, {args.threads} thread(s); "
-                  f"A: llama31/compiled.py's settings, B: with {against}")
+                  f"A: llama31/cpu/compiled.py's settings, B: with {against}")
             compare_options(folder, DTYPES[name], args.layers, against, args.reps or 20, args.steps)
             torch._dynamo.reset()
         return 0

@@ -1,7 +1,7 @@
 """Prefill prompts of 16K to 128K tokens with chunked prefill, and show that memory grows linearly.
 
-    python examples/long_context.py                                # 16K, 32K, 64K, 128K (128K takes minutes)
-    python examples/long_context.py --lengths 16384,32768 --chunk 128
+    python examples/bench/long_context.py                                # 16K, 32K, 64K, 128K (128K takes minutes)
+    python examples/bench/long_context.py --lengths 16384,32768 --chunk 128
 
 The model is tiny (dim 256, 2 layers, 4 query heads sharing 1 kv head, random weights) but has the real Llama 3.1
 RoPE configuration (theta 500000, llama3 scaling with factor 8 from an 8K original context) and a 131072-token
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     print(head)
     rows, previous = [], None
     for length in lengths:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                              os.environ.get("PYTHONPATH", "")]))
         child = subprocess.run([sys.executable, __file__, "--child", str(length), "--chunk", str(opts.chunk),
                                 "--dtype", opts.dtype, "--threads", str(opts.threads)],

@@ -1,5 +1,5 @@
-"""Linear with packed weights (llama31/model/linear.py): the same product as the float64 formula, checkpoints that
-never see the packing, and clear errors where it cannot be used.
+"""Packed linear layers (llama31/cpu/packed.py): the same product as the float64 formula, a module swap that keeps
+the model's logits and checkpoints, and clear errors where it cannot be used.
 
 Tolerance: an error bound relative to sum_k |x_k| |W_nk| (the scale of the float rounding of a length-K dot
 product), against the product computed in float64. Measured here over the shapes and row counts below: float32
@@ -16,7 +16,7 @@ import torch
 
 from llama31 import Transformer
 from llama31.config import ModelArgs
-from llama31.model.linear import Linear, packing_supported
+from llama31.cpu.packed import PackedLinear, pack_weights, packing_supported, unpack_weights
 
 needs_packing = pytest.mark.skipif(packing_supported(torch.empty(1)) is not None,
                                    reason=f"no oneDNN packing here: {packing_supported(torch.empty(1))}")
@@ -31,11 +31,12 @@ def relative_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
     return ((y.double() - exact).abs() / scale).max().item()
 
 
-def linear(in_features, out_features, dtype, seed=0):
-    layer = Linear(in_features, out_features, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)))
-    return layer
+def weight(in_features, out_features, dtype, seed=0):
+    return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def is_packed(module) -> bool:
+    return isinstance(module, PackedLinear)
 
 
 @needs_packing
@@ -44,50 +45,47 @@ def linear(in_features, out_features, dtype, seed=0):
 @pytest.mark.parametrize("shape", [(2048, 512), (200, 4160), (7, 13)])
 def test_packed_product_equals_the_float64_formula(shape, rows, dtype):
     out_features, in_features = shape
-    layer = linear(in_features, out_features, dtype)
-    weight = layer.weight.detach().clone()
+    w = weight(in_features, out_features, dtype)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
-    layer.pack()
-    assert layer.packed and layer.weight.is_mkldnn
+    layer = PackedLinear(w)
+    assert layer.weight.is_mkldnn
     with torch.no_grad():
         y = layer(x)
     assert y.shape == (rows, out_features) and y.dtype == dtype
-    assert relative_error(y, x, weight) <= REL[dtype]
+    assert relative_error(y, x, w) <= REL[dtype]
 
 
 @needs_packing
 def test_packed_takes_any_leading_shape_and_strided_input():
-    layer = linear(64, 48, torch.float32)
-    weight = layer.weight.detach().clone()
-    layer.pack()
+    w = weight(64, 48, torch.float32)
+    layer = PackedLinear(w)
     h = torch.randn(3, 5, 64)
     last = h[:, -1:]  # (3, 1, 64) with the strides of (3, 5, 64): rows not adjacent in memory
     with torch.no_grad():
         for x in (h, last, h.transpose(0, 1)):
             y = layer(x)
             assert y.shape == (*x.shape[:-1], 48)
-            assert relative_error(y.reshape(-1, 48), x.reshape(-1, 64), weight) <= REL[torch.float32]
+            assert relative_error(y.reshape(-1, 48), x.reshape(-1, 64), w) <= REL[torch.float32]
 
 
 @needs_packing
 def test_state_dict_of_a_packed_layer_is_the_plain_weight_bit_for_bit():
-    layer = linear(96, 40, torch.float32)
-    plain = layer.weight.detach().clone()
-    layer.pack()
+    plain = weight(96, 40, torch.float32)
+    layer = PackedLinear(plain)
     state = layer.state_dict()
     assert set(state) == {"weight"} and not state["weight"].is_mkldnn
     assert torch.equal(state["weight"], plain)
-    layer.unpack()
-    assert not layer.packed and torch.equal(layer.weight, plain) and layer.weight.requires_grad
+    linear = layer.to_linear()
+    assert type(linear) is torch.nn.Linear and linear.bias is None
+    assert torch.equal(linear.weight, plain) and linear.weight.requires_grad
 
 
 @needs_packing
 def test_load_state_dict_into_a_packed_layer_packs_the_new_weight():
-    layer = linear(32, 16, torch.float32, seed=0)
-    layer.pack()
+    layer = PackedLinear(weight(32, 16, torch.float32, seed=0))
     new = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
     layer.load_state_dict({"weight": new})
-    assert layer.packed and torch.equal(layer.state_dict()["weight"], new)
+    assert layer.weight.is_mkldnn and torch.equal(layer.state_dict()["weight"], new)
     x = torch.randn(2, 32)
     with torch.no_grad():
         assert relative_error(layer(x), x, new) <= REL[torch.float32]
@@ -96,9 +94,8 @@ def test_load_state_dict_into_a_packed_layer_packs_the_new_weight():
 
 
 def test_a_layer_that_cannot_be_packed_says_why():
-    layer = Linear(8, 4, dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"Linear\(8, 4\).*float16"):
-        layer.pack()
+    with pytest.raises(ValueError, match=r"\(4, 8\) linear weight.*float16"):
+        PackedLinear(torch.zeros(4, 8, dtype=torch.float16))
     assert "meta" in packing_supported(torch.empty(2, device="meta"))
 
 
@@ -115,15 +112,20 @@ def test_pack_weights_packs_every_linear_and_keeps_the_logits():
     with torch.no_grad():
         before = model(tokens)
         state = model.state_dict()
-        assert model.pack_weights() == 0  # every layer is below the size where packing pays
-        assert model.pack_weights(min_weights=0) == 2 * 7 + 1  # 7 projections per block and the output layer
+        assert pack_weights(model) == 0  # every layer is below the size where packing pays
+        assert pack_weights(model, min_weights=0) == 2 * 7 + 1  # 7 projections per block and the output layer
         after = model(tokens)
-    assert all(m.packed for m in model.modules() if isinstance(m, Linear))
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert not model.tok_embeddings.weight.is_mkldnn  # the embedding is a lookup, never packed
     # float32 rounding of other kernels through 2 blocks: ~1e-6 here, 1e-4 is the HF-parity tolerance
     torch.testing.assert_close(after, before, rtol=0, atol=1e-4)
+    assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert model.pack_weights(min_weights=0) == 0  # already packed
+    assert pack_weights(model, min_weights=0) == 0  # already packed
+    unpack_weights(model)
+    assert not any(is_packed(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)  # nn.Linear again, on the very same weights
 
 
 @needs_packing
@@ -131,17 +133,19 @@ def test_tied_output_gets_its_own_packed_copy_and_the_embedding_stays_plain():
     torch.manual_seed(0)
     model = Transformer(tiny_args(tie_word_embeddings=True))
     assert model.output.weight is model.tok_embeddings.weight
-    model.pack_weights(min_weights=0)
-    assert model.output.packed and not model.tok_embeddings.weight.is_mkldnn
+    pack_weights(model, min_weights=0)
+    assert is_packed(model.output) and not model.tok_embeddings.weight.is_mkldnn
     state = model.state_dict()
     assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    unpack_weights(model)
+    assert model.output.weight is model.tok_embeddings.weight  # tied again
 
 
 def test_pack_required_on_a_model_that_cannot_be_packed_is_an_error():
     model = Transformer(tiny_args(), dtype=torch.float16)
-    assert model.pack_weights(min_weights=0) == 0
+    assert pack_weights(model, min_weights=0) == 0
     with pytest.raises(ValueError, match=r"no layer of the model can be packed: .*float16.*pack=False"):
-        model.pack_weights(min_weights=0, required=True)
+        pack_weights(model, min_weights=0, required=True)
 
 
 @needs_packing
@@ -151,21 +155,20 @@ def test_from_pretrained_packs_only_the_layers_big_enough_to_gain(hf_folder):
                           num_key_value_heads=2)
     model = Transformer.from_pretrained(folder)
     block = model.layers[0]
-    assert block.feed_forward.w1.packed and block.feed_forward.w2.packed and not block.attention.wq.packed
-    assert not any(m.packed for m in Transformer.from_pretrained(folder, pack=False).modules()
-                   if isinstance(m, Linear))
-    assert all(m.packed for m in Transformer.from_pretrained(folder, pack=True).modules() if isinstance(m, Linear))
+    assert is_packed(block.feed_forward.w1) and is_packed(block.feed_forward.w2)
+    assert type(block.attention.wq) is torch.nn.Linear
+    assert not any(is_packed(m) for m in Transformer.from_pretrained(folder, pack=False).modules())
+    assert not any(type(m) is torch.nn.Linear for m in Transformer.from_pretrained(folder, pack=True).modules())
 
 
 @needs_packing
 def test_gradients_flow_to_the_input_of_a_packed_layer():
-    layer = linear(24, 10, torch.float32)
-    weight = layer.weight.detach().clone()
-    layer.pack()
+    w = weight(24, 10, torch.float32)
+    layer = PackedLinear(w)
     x = torch.randn(3, 24, requires_grad=True)
     layer(x).pow(2).sum().backward()
     x_ref = x.detach().double().requires_grad_()
-    (x_ref @ weight.double().T).pow(2).sum().backward()
+    (x_ref @ w.double().T).pow(2).sum().backward()
     # float32 dot products of length 24 and 10 (forward, backward): ~1e-7 relative; 1e-5 is far above that and far
     # below a wrong or missing gradient (O(1))
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
@@ -191,7 +194,7 @@ def test_a_packed_model_does_not_keep_its_checkpoint_file_mapped(hf_folder):
     del plain
     assert not mapped(None)
     packed = Transformer.from_pretrained(folder, dtype=torch.float32)
-    assert packed.layers[0].feed_forward.w1.packed and not mapped(packed)
+    assert is_packed(packed.layers[0].feed_forward.w1) and not mapped(packed)
     plain_again = Transformer.from_pretrained(folder, dtype=torch.float32, pack=False)
     with torch.no_grad():
         tokens = torch.randint(0, 100, (1, 9))

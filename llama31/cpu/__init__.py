@@ -1,0 +1,13 @@
+"""CPU speed, applied from outside the model (the model core in llama31/model/ is the formula alone).
+
+    packed.py    PackedLinear: linear weights in oneDNN's blocked layout, swapped in after loading
+                 (pack_weights; Transformer.from_pretrained and Llama.build do it by default on the CPU)
+    compiled.py  CompiledDecoder: one sequence's decode steps through torch.compile (Llama(compile=True))
+
+Both exist because decoding is bound by how fast the weights stream from memory; docs/benchmarks.md measures
+each against that limit.
+"""
+
+from llama31.cpu.packed import PackedLinear, pack_weights, packing_supported, unpack_weights
+
+__all__ = ["PackedLinear", "pack_weights", "packing_supported", "unpack_weights"]
