@@ -121,12 +121,12 @@ def stream_reply(llama: Llama, prompt_tokens: list[int], args) -> tuple[list[int
     return generated, stop_reason
 
 
-def read_user_line() -> str | None:
+def read_user_line(prompt: str = "user: ") -> str | None:
     """The next chat message, read by rank 0 and shared with every rank (None at the end)."""
     line = None
     if parallel.is_main_process():
         try:
-            line = input("user: ").strip() or None
+            line = input(prompt).strip() or None
         except EOFError:
             pass
     if parallel.world_size() > 1:
@@ -134,6 +134,17 @@ def read_user_line() -> str | None:
         dist.broadcast_object_list(shared, src=0)
         line = shared[0]
     return line
+
+
+def show_tool_calls(reply) -> None:
+    """Print the tool calls of a chat reply (an AssistantReply) as calls: name and arguments, not the raw text."""
+    for call in reply.tool_calls:
+        if call.name == "code_interpreter":
+            print(f"[tool call: code_interpreter, code:]\n{call.arguments['code']}", flush=True)
+        else:
+            print(f"[tool call: {call.name}, arguments: {call.arguments}]", flush=True)
+    if reply.tool_calls and reply.stop_reason == "eom":
+        print("[end of message: the model waits for the tool's result; type it after 'ipython:']", flush=True)
 
 
 def main(argv=None) -> int:
@@ -186,8 +197,10 @@ def run(args) -> int:
         stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
         return 0
 
-    while (question := read_user_line()) is not None:
-        dialog.append({"role": "user", "content": question})
+    role = "user"
+    while (line := read_user_line(f"{role}: ")) is not None:
+        # after a tool call (stop reason eom), what the user types is the tool's result: an ipython message
+        dialog.append({"role": role, "content": line})
         print("assistant: ", end="", flush=True)
         try:
             tokens, stop_reason = stream_reply(llama, llama.formatter.encode_dialog_prompt(dialog), args)
@@ -196,7 +209,10 @@ def run(args) -> int:
             dialog.pop()
             continue
         ended = {"eot": [llama.tokenizer.eot_id], "eom": [llama.tokenizer.eom_id]}.get(stop_reason, [])
-        dialog.append(llama.formatter.decode_assistant_reply(tokens + ended).to_message())
+        reply = llama.formatter.decode_assistant_reply(tokens + ended)
+        show_tool_calls(reply)
+        dialog.append(reply.to_message())
+        role = "ipython" if reply.tool_calls and stop_reason == "eom" else "user"
     return 0
 
 

@@ -19,7 +19,7 @@ _LAZY = {  # public name -> the module that defines it
     "ChatCompletion": "llama31.generation", "Completion": "llama31.generation", "Llama": "llama31.generation",
     "Step": "llama31.generation",
     "AssistantReply": "llama31.text", "ChatFormat": "llama31.text", "Message": "llama31.text",
-    "StreamDecoder": "llama31.text", "Tokenizer": "llama31.text",
+    "StreamDecoder": "llama31.text", "Tokenizer": "llama31.text", "ToolCall": "llama31.text",
 }
 
 __all__ = ["Layers", "ModelArgs", "RopeScaling", "Transformer", "__version__", *sorted(_LAZY)]

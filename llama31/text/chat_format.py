@@ -7,7 +7,9 @@
 Roles: system, user, assistant, ipython (the result of a tool call). An assistant message that calls a tool
 is ``<|python_tag|>{call}<|eom_id|>``: end of message, not of turn, because the tool's result comes next as
 an ipython message and then the assistant continues. ("Environment: ipython" in the system prompt enables
-the code interpreter; the system prompt is ordinary content here, nothing is added to it.)
+the code interpreter; the system prompt is ordinary content here, nothing is added to it.) The prompts that
+offer tools, and the structured calls read back from a reply (``AssistantReply.tool_calls``), are in
+llama31/text/tools.py.
 
 Stripping: by default the content (and tool call) of every message is stripped of leading and trailing
 whitespace before encoding, as Meta's original Llama 3 chat format does (``content.strip()``) and HF's chat
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, TypedDict
 
 from llama31.text.tokenizer import Tokenizer
+from llama31.text.tools import ToolCall, parse_tool_calls
 
 Role = Literal["system", "user", "assistant", "ipython"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "ipython")
@@ -52,14 +55,24 @@ class AssistantReply:
     """The assistant's reply parsed from generated ids.
 
     content: the text before any <|python_tag|> (verbatim, not stripped).
-    tool_call: the text after <|python_tag|>, or None if the reply calls no tool.
+    tool_call: the text after <|python_tag|>, or None if the reply has no <|python_tag|>.
     stop_reason: "eot" (the turn is over), "eom" (a tool call awaits its result), "end_of_text", or
-        "length" (generation stopped before any stop token).
+        "length" (generation stopped before any stop token: a call may be cut short).
+    tool_calls: the calls the reply makes, each a ToolCall(name, arguments), read from the text above
+        (tools.parse_tool_calls); () for a plain answer. content and tool_call keep the raw text the calls were
+        read from, so that ``to_message`` re-encodes the reply exactly as generated.
     """
 
     content: str
     tool_call: Optional[str]
     stop_reason: StopReason
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls in this reply, e.g. (ToolCall("brave_search", {"query": "..."}),); () if none."""
+        if self.tool_call is not None:
+            return parse_tool_calls(self.tool_call, after_python_tag=True)
+        return parse_tool_calls(self.content, after_python_tag=False)
 
     def to_message(self) -> Message:
         """The reply as a Message, ready to append to the dialog for the next turn."""
