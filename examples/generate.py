@@ -66,17 +66,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="decode one sequence's steps through torch.compile "
                         "(CPU, float32/bfloat16; llama31/cpu/compiled.py): faster steps for a second copy of the "
                         "weights and a compile at the first token")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    import math
+
+    from llama31.errors import report_uncaught_user_errors
+
     if args.compile and args.int4:
         parser.error("--compile covers float32 and bfloat16 models, not --int4")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan and inf too
+        parser.error(f"--temperature must be >= 0 and finite, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
+    if not -2**63 <= args.seed < 2**64:
+        parser.error(f"--seed must be an integer in [-2**63, 2**64), got {args.seed}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         parser.error("--prefill-chunk must be at least 1")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        parser.error("--max-seq-len must be at least 1")
+    if args.max_seq_len is not None and args.max_new_tokens >= args.max_seq_len:
+        parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-seq-len "
+                     f"{args.max_seq_len}")
+    # errors found later (a prompt longer than the context, say) end in one line too, unless --debug
+    report_uncaught_user_errors(debug=args.debug)
     return args
 
 
@@ -172,7 +186,11 @@ def run(args) -> int:
                             int4_group_size=args.group_size if args.int4 else None,
                             pack=False if args.no_pack else None, compile=args.compile)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        from llama31.errors import message
+
+        print(f"error: {message(e)}", file=sys.stderr)
         return 1
     info = llama.model.checkpoint_info
     n_int4 = sum(isinstance(module, Int4Linear) for module in llama.model.modules())

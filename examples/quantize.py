@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from llama31.errors import run_command
 from llama31.quant.checkpoint import quantize_checkpoint
 from llama31.quant.rtn import GROUP_SIZES
 
@@ -49,19 +50,20 @@ def main(argv=None) -> int:
     parser.add_argument("--asymmetric", action="store_true", help="add an integer zero point per group")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="dtype of the scales and of the unquantized tensors (default bfloat16)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
-    start = time.perf_counter()
-    try:
+    def body() -> int:
+        # --out appears only once complete: quantize_checkpoint writes under a temporary name and renames it
+        start = time.perf_counter()
         sizes = quantize_checkpoint(args.ckpt_dir, args.out, args.group_size, symmetric=not args.asymmetric,
                                     dtype=DTYPES[args.dtype])
-    except (OSError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(size_table(sizes, args.dtype))
-    print(f"wrote {args.out} (compressed-tensors pack-quantized, group size {args.group_size}, "
-          f"{'asymmetric' if args.asymmetric else 'symmetric'}) in {time.perf_counter() - start:.1f} s")
-    return 0
+        print(size_table(sizes, args.dtype))
+        print(f"wrote {args.out} (compressed-tensors pack-quantized, group size {args.group_size}, "
+              f"{'asymmetric' if args.asymmetric else 'symmetric'}) in {time.perf_counter() - start:.1f} s")
+        return 0
+
+    return run_command(body, debug=args.debug)
 
 
 if __name__ == "__main__":

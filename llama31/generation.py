@@ -20,10 +20,15 @@ from typing import Iterator, Sequence
 import torch
 
 from llama31 import parallel
+from llama31.checkpoints.load import check_device, check_dtype
 from llama31.cpu.packed import pack_as_asked
+from llama31.errors import InputError, InputTypeError, check_bool, check_int
 from llama31.model import Transformer
-from llama31.sampling import sample
+from llama31.sampling import check_sampling, sample
 from llama31.text import AssistantReply, ChatFormat, Message, Tokenizer
+
+# torch.Generator.manual_seed takes any integer in [-2**63, 2**64)
+SEED_RANGE = (-2**63, 2**64 - 1)
 
 
 @dataclass
@@ -82,6 +87,9 @@ class Llama:
         compile: decode one sequence's steps through torch.compile (llama31/cpu/compiled.py: CPU, float32 or
         bfloat16, unpacked weights; faster steps for a second copy of the weights and a compile at the first
         step)."""
+        check_int(max_batch_size, "max_batch_size", "Llama", minimum=1)
+        check_int(seed, "seed", "Llama", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+        check_bool(compile, "compile", "Llama")
         self.model = model
         # what runs the forward passes of generation: the model itself, or the model with compiled decode steps
         self.decoder = model
@@ -111,6 +119,18 @@ class Llama:
         Under torchrun (several processes) the model is split across them (llama31.parallel); call
         llama31.parallel.close() at the end.
         """
+        where = "Llama.build"
+        if max_seq_len is not None:
+            check_int(max_seq_len, "max_seq_len", where, minimum=1)
+        check_int(max_batch_size, "max_batch_size", where, minimum=1)
+        check_dtype(dtype, where)
+        check_device(device, where)
+        check_int(seed, "seed", where, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+        if int4_group_size is not None:
+            check_int(int4_group_size, "int4_group_size", where, minimum=1)
+        if pack is not None:
+            check_bool(pack, "pack", where)
+        check_bool(compile, "compile", where)
         parallel.init_model_parallel()  # does nothing in a single process
         if ckpt_dir is None:
             from llama31.demo import build_demo_model
@@ -155,6 +175,7 @@ class Llama:
         params = self.model.args
         self._check(prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk)
         device = self.model.tok_embeddings.weight.device
+        self._check_options(logprobs, stop_tokens, seed, generator, device)
         if generator is None:
             generator = self.generator if seed is None else torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(sorted(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens),
@@ -196,26 +217,46 @@ class Llama:
             self.decoder.clear_cache()
 
     def _check(self, prompt_tokens, max_gen_len, temperature, top_p, prefill_chunk=None) -> None:
+        where = "Llama"
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
-            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+            raise InputError(where, "prompt_tokens", f"must be a non-empty list of token-id lists, got "
+                             f"{type(prompt_tokens).__name__} {prompt_tokens!r:.60}")
         if len(prompt_tokens) > self.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {self.max_batch_size}; "
+            raise InputError(where, None, f"{len(prompt_tokens)} prompts exceed max_batch_size {self.max_batch_size}; "
                              "build with a larger max_batch_size or split the batch")
         vocab = self.model.args.vocab_size
         for i, prompt in enumerate(prompt_tokens):
+            if not isinstance(prompt, (list, tuple)):
+                raise InputTypeError(where, f"prompt_tokens[{i}]", f"must be a list of token ids, got "
+                                     f"{type(prompt).__name__} {prompt!r:.60}")
             if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+                raise InputError(where, None, f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+            not_ids = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)]
+            if not_ids:
+                raise InputTypeError(where, None, f"prompt {i} holds token ids that are not integers: {not_ids[:5]}")
+            bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt {i} holds token ids outside 0..{vocab - 1}: {bad[:5]}")
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+                raise InputError(where, None, f"prompt {i} holds token ids outside 0..{vocab - 1}: {bad[:5]}")
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
+            raise InputError(where, "max_gen_len", f"must be a positive integer, got {max_gen_len!r}")
+        check_sampling(temperature, top_p, where)
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise InputError(where, "prefill_chunk", f"must be a positive integer or None, got {prefill_chunk!r}")
+
+    def _check_options(self, logprobs, stop_tokens, seed, generator, device) -> None:
+        """The keyword arguments of stream(), generate(), text_completion() and chat_completion()."""
+        where = "Llama"
+        check_bool(logprobs, "logprobs", where)
+        _check_stop_tokens(stop_tokens)
+        if seed is not None:
+            check_int(seed, "seed", where, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise InputTypeError(where, "generator", f"must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != device.type:
+                raise InputError(where, "generator", f"is on {generator.device}, the model on {device}; sampling "
+                                 "needs a generator on the model's device")
 
     # ------------------------------------------------------------------ Meta's API
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float = 0.6,
@@ -226,6 +267,7 @@ class Llama:
         echo: prepend the prompt (and, with logprobs, the prompt's logprobs; the first token gets 0.0).
         Other keyword arguments (stop_tokens, seed, generator, prefill_chunk) as for stream().
         """
+        check_bool(echo, "echo", "Llama.generate")
         rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
         out_tokens = [tokens for tokens, _, _ in rows]
         out_logprobs = [lps for _, lps, _ in rows] if logprobs else None
@@ -237,8 +279,10 @@ class Llama:
 
     def _run(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs):
         """[(generated ids without the stop token, their logprobs, stop reason)] per prompt."""
+        # before prompt_tokens and stop_tokens are iterated here (stream checks again, for its own callers)
+        self._check(prompt_tokens, max_gen_len, temperature, top_p, kwargs.get("prefill_chunk"))
         rows = [([], [], "length") for _ in prompt_tokens]
-        stop_tokens = kwargs.get("stop_tokens")
+        stop_tokens = _check_stop_tokens(kwargs.get("stop_tokens"))
         stop_tokens = set(self.tokenizer.stop_tokens if stop_tokens is None else stop_tokens)
         for step in self.stream(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p,
                                 logprobs=logprobs, **kwargs):
@@ -274,6 +318,10 @@ class Llama:
     def text_completion(self, prompts: Sequence[str], *, max_gen_len: int = 64, temperature: float = 0.6,
                         top_p: float = 0.9, logprobs: bool = False, echo: bool = False, **kwargs) -> list[Completion]:
         """Continue each prompt (encoded with BOS, no special tokens parsed). Stops at end_of_text by default."""
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise InputTypeError("Llama.text_completion", "prompts", f"must be a list of strings (wrap one prompt "
+                                 f"in a list: ['Hi']), got {type(prompts).__name__} {prompts!r:.60}")
+        check_bool(echo, "echo", "Llama.text_completion")
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         kwargs.setdefault("stop_tokens", [self.tokenizer.eos_id])
         rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
@@ -289,6 +337,10 @@ class Llama:
                         temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False,
                         **kwargs) -> list[ChatCompletion]:
         """Answer each dialog as the assistant. Stops at eot (turn over) or eom (a tool call awaits its result)."""
+        if not isinstance(dialogs, (list, tuple)) or any(isinstance(d, (str, dict)) for d in dialogs):
+            raise InputTypeError("Llama.chat_completion", "dialogs", "must be a list of dialogs, each a list of "
+                                 "messages (wrap one dialog in a list: [[{'role': 'user', 'content': 'Hi'}]]), got "
+                                 f"{type(dialogs).__name__} {dialogs!r:.60}")
         prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
         results = []
         rows = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
@@ -298,3 +350,15 @@ class Llama:
             results.append(ChatCompletion(reply, tokens, lps if logprobs else None, reason, prompt))
         return results
 
+
+def _check_stop_tokens(stop_tokens):
+    """stop_tokens as a caller passes them: None (the tokenizer's), or a collection of token ids."""
+    if stop_tokens is None:
+        return None
+    if isinstance(stop_tokens, (str, bytes)) or not hasattr(stop_tokens, "__iter__"):
+        raise InputTypeError("Llama", "stop_tokens", f"must be a collection of token ids, got "
+                             f"{type(stop_tokens).__name__} {stop_tokens!r:.60}")
+    bad = [t for t in stop_tokens if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+    if bad:
+        raise InputTypeError("Llama", "stop_tokens", f"must hold token ids (integers >= 0), got {bad[:5]}")
+    return stop_tokens

@@ -11,15 +11,48 @@ Reproducible sampling needs an explicit torch.Generator: the same seed gives the
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+from llama31.errors import InputError, InputTypeError
+
+
+def check_sampling(temperature, top_p, where: str = "sample") -> None:
+    """The sampling arguments as a user passes them: temperature a finite number >= 0 (0 is greedy; an infinite
+    one would sample uniformly over the vocabulary whatever the logits say), top_p a number in (0, 1].
+    InputError (a ValueError) naming `where` and the argument otherwise."""
+    for key, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InputTypeError(where, key, f"must be a number, got {type(value).__name__} {value!r}")
+    try:
+        finite = math.isfinite(temperature)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not (finite and temperature >= 0):
+        raise InputError(where, "temperature", f"must be >= 0 (0 is greedy) and finite, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InputError(where, "top_p", f"must be in (0, 1], got {top_p}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: (bs, vocab) float32 -> next token ids (bs,) int64."""
-    if temperature == 0:
+    check_sampling(temperature, top_p)
+    if (torch.isnan(logits) | torch.isposinf(logits)).any():
+        raise InputError("sample", "logits", "hold NaN or +inf: the model's weights or inputs are broken (a NaN in "
+                         "the checkpoint, or an overflow in float16)")
+    # A temperature below the logits' smallest normal float would round to 0 in their dtype (x / 0): take its
+    # limit, greedy.
+    if temperature < torch.finfo(logits.dtype).tiny:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scaled = logits / temperature
+    if (torch.isinf(scaled) & torch.isfinite(logits)).any():
+        # a temperature so small that logits / T overflows: softmax of the shifted logits is the same
+        # distribution (and tends to the argmax, the limit T -> 0) without inf - inf
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    probs = torch.softmax(scaled, dim=-1)
     return sample_top_p(probs, top_p, generator)
 
 

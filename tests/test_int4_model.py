@@ -75,7 +75,7 @@ def test_int4_model_logits_equal_hf_llama_with_the_dequantized_weights(tmp_path,
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         ours, theirs = quantized(TOKENS), hf(TOKENS).logits
-    # Both are fp32 forwards of the same weights (a plain decoder matches HF to ~3e-7 relative, tests/test_hf_parity.py);
+    # Both are fp32 forwards of the same weights (a plain decoder matches HF to ~3e-7 relative: test_hf_parity.py);
     # 1e-4 on logits of std ~3 leaves room for summation order and still fails on any weight mistake.
     assert (ours - theirs).abs().max() < 1e-4
 

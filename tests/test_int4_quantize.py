@@ -14,7 +14,8 @@ STORE = {torch.float32: lambda a: a.astype(np.float32).astype(np.float64), torch
 
 def _near_tie(t: np.ndarray) -> np.ndarray:
     # Where the float64 quotient lies within ~2 fp32 ulps (|t| <= 16) of x.5, the fp32 computation the
-    # implementation does (fp32, as compressed-tensors and GPTQ quantize) may round the other way; only there may q differ, by 1.
+    # implementation does (fp32, as compressed-tensors and GPTQ quantize) may round the other way; only there may q
+    # differ, by 1.
     # Exact halves are not ambiguous: both sides see the same exact quotient and round half to even.
     distance = np.abs(np.abs(t - np.floor(t)) - 0.5)
     return (distance > 0) & (distance < 4e-6)

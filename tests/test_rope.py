@@ -10,7 +10,8 @@ from llama31.model.rope import RotaryEmbedding, apply_rotary, llama3_inv_freq
 
 
 def formula_float64(d, theta, s, a, b, L):
-    """The three-band rule of Meta's apply_scaling (llama-models, models/llama3/model.py), written out per frequency (a loop, not our vectorised clamp)."""
+    """The three-band rule of Meta's apply_scaling (llama-models, models/llama3/model.py), written out per
+    frequency (a loop, not our vectorised clamp)."""
     out, bands = [], []
     for i in range(d // 2):
         w = theta ** (-2 * i / d)
@@ -30,7 +31,7 @@ def test_scaled_frequencies_of_the_real_31_config_match_float64_formula():
     ours = llama3_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
     expected, bands = formula_float64(128, 500000.0, 8.0, 1.0, 4.0, 8192)
     torch.testing.assert_close(ours, expected, rtol=1e-14, atol=0)
-    # the bands for d = 128 (the formula above with 3.1's config): i = 0..28 unchanged, 29..34 blended, 35..63 divided by 8
+    # the bands for d = 128 (the formula above, 3.1's config): i = 0..28 unchanged, 29..34 blended, 35..63 divided
     assert bands == ["unchanged"] * 29 + ["blended"] * 6 + ["divided"] * 29
     plain = 500000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     torch.testing.assert_close(ours[:29], plain[:29], rtol=1e-15, atol=0)

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llama31.checkpoints.names import hf_rows_to_meta, hf_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
 from llama31.checkpoints.sharding import shard_dim, shard_range
 from llama31.config import ModelArgs, read_json
+from llama31.errors import InputError, check_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,23 +39,30 @@ class HFCheckpoint:
     def __init__(self, path: Path):
         self.path = path
         config_file = path / "config.json"
+        self.config_file = config_file
         self.config = read_json(config_file)
         self.args = ModelArgs.from_hf_config(self.config, source=str(config_file))
         self.quantization = self.config.get("quantization_config")
+        if self.quantization is not None:
+            check_object(self.quantization, "quantization_config", config_file)
+        self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = {}  # HF name -> file
         if (path / INDEX_FILE).is_file():
-            index = read_json(path / INDEX_FILE)
+            index_file = path / INDEX_FILE
+            index = read_json(index_file)
             if "weight_map" not in index:
-                raise ValueError(f"{path / INDEX_FILE}: has no 'weight_map'; is it a safetensors index?")
-            for hf_name, file in index["weight_map"].items():
+                raise InputError(index_file, None, "has no 'weight_map'; is it a safetensors index?")
+            for hf_name, file in check_object(index["weight_map"], "weight_map", index_file).items():
+                if not isinstance(file, str) or not file or Path(file).name != file:
+                    raise InputError(index_file, f"weight_map[{hf_name!r}]", f"must be the name of a file in "
+                                     f"{path}, got {file!r}")
                 if not (path / file).is_file():
-                    raise FileNotFoundError(f"{path / INDEX_FILE} names {file} for {hf_name}, but {path / file} "
+                    raise FileNotFoundError(f"{index_file} names {file} for {hf_name}, but {path / file} "
                                             "does not exist; download the missing shard")
                 self._file_of[hf_name] = path / file
         else:
-            with safe_open(path / SINGLE_FILE, framework="pt") as f:
-                self._file_of = {name: path / SINGLE_FILE for name in f.keys()}
-        self._handles: dict[Path, object] = {}
+            names = _safetensors(path / SINGLE_FILE, lambda: self._handle(path / SINGLE_FILE).keys())
+            self._file_of = {name: path / SINGLE_FILE for name in names}
         self._meta_to_hf: dict[str, str] = {}
         self.unexpected: list[tuple[str, Path]] = []  # names that are not Llama parameters
         for hf_name, file in self._file_of.items():
@@ -82,34 +90,54 @@ class HFCheckpoint:
 
     def _handle(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
+            self._handles[file] = _safetensors(file, lambda: safe_open(file, framework="pt"))
         return self._handles[file]
+
+    def _slice(self, name: str):
+        """The lazily read tensor `name` (Meta name) of its file: get_shape(), slicing, [:]."""
+        file, hf_name = self.file_of(name), self._meta_to_hf[name]
+        return _safetensors(file, lambda: self._handle(file).get_slice(hf_name), hf_name)
 
     def read_raw(self, name: str) -> torch.Tensor:
         """The tensor stored under Meta name `name`, exactly as in the file (no row reordering)."""
-        return self._handle(self.file_of(name)).get_tensor(self._meta_to_hf[name])
+        file, hf_name = self.file_of(name), self._meta_to_hf[name]
+        return _safetensors(file, lambda: self._handle(file).get_tensor(hf_name), hf_name)
 
     def read(self, name: str) -> torch.Tensor:
         """The full tensor of Meta parameter `name`, in Meta's layout (wq/wk rows un-permuted)."""
-        tensor = self._handle(self.file_of(name)).get_tensor(self._meta_to_hf[name])
+        tensor = self.read_raw(name)
         n = permuted_heads(name, self.args.n_heads, self.args.n_kv_heads)
+        if n:
+            self._check_heads(name, tuple(tensor.shape), n)
         return hf_rows_to_meta(tensor, n) if n else tensor
 
+    def _check_heads(self, name: str, shape: tuple[int, ...], n: int) -> None:
+        """The q/k row permutation acts within each of n heads of head_dim rows: the rows must be exactly that."""
+        if not shape or shape[0] != n * self.args.head_dim:
+            raise InputError(self.file_of(name), repr(self._meta_to_hf[name]), f"has shape {shape}, but the config "
+                             f"gives {n} heads of head_dim {self.args.head_dim} = {n * self.args.head_dim} rows; "
+                             "check that the config matches the weights")
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.file_of(name)).get_slice(self._meta_to_hf[name]).get_shape())
+        return tuple(_safetensors(self.file_of(name), lambda: self._slice(name).get_shape()))
 
     def read_shard(self, name: str, rank: int, world_size: int) -> torch.Tensor:
         """Rank `rank`'s slice of `name` for a model split over world_size processes (sharding.py), in Meta's
         layout. Only the slice is read from the file (safetensors slicing), never the whole tensor."""
         dim = shard_dim(name)
-        tensor = self._handle(self.file_of(name)).get_slice(self._meta_to_hf[name])
+        file, tensor = self.file_of(name), self._slice(name)
         if dim is None:
-            return tensor[:]  # replicated: norms
-        size = tensor.get_shape()[dim]
+            return _safetensors(file, lambda: tensor[:])  # replicated: norms
+        shape = self.shape(name)
+        if len(shape) <= dim:
+            raise InputError(file, repr(self._meta_to_hf[name]), f"has shape {shape}; a weight matrix has 2 "
+                             "dimensions. Check that the config matches the weights")
+        size = shape[dim]
         start, stop = shard_range(name, size, rank, world_size, self.args.n_kv_heads)
-        part = tensor[start:stop] if dim == 0 else tensor[:, start:stop]
+        part = _safetensors(file, lambda: tensor[start:stop] if dim == 0 else tensor[:, start:stop])
         n = permuted_heads(name, self.args.n_heads, self.args.n_kv_heads)
         if n:
+            self._check_heads(name, shape, n)
             # HF's q/k row permutation acts within each head and the slice holds whole heads: un-permute the
             # slice's own heads
             head_rows = size // n
@@ -118,6 +146,24 @@ class HFCheckpoint:
                                  f"{self._meta_to_hf[name]!r}; use a number of processes that divides the heads")
             part = hf_rows_to_meta(part, (stop - start) // head_rows)
         return part
+
+
+def _safetensors(file: Path, read, tensor: str | None = None):
+    """read() of a safetensors file, its errors (a damaged or truncated file, a tensor missing from it, a dtype
+    torch does not know) re-raised as InputError naming the file, and the tensor if one was asked for."""
+    try:
+        return read()
+    except SafetensorError as e:
+        if tensor is not None and "does not contain tensor" in str(e):
+            raise InputError(file, None, f"has no tensor {tensor!r}, though the safetensors index places it "
+                             "there; the index and the files disagree (re-download the checkpoint)") from None
+        what = f" (reading {tensor!r})" if tensor is not None else ""
+        raise InputError(file, None, f"cannot be read as safetensors{what}: {e}. Is the download complete?"
+                         ) from None
+    except (OSError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(file, None, f"cannot be read as safetensors ({type(e).__name__}: {e})") from None
 
 
 def save_hf(path, args: ModelArgs, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,

@@ -199,6 +199,7 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
 
     rank, world_size: for a model split over world_size processes (llama31.parallel), this rank reads only its
     slice of each parameter (ckpt.read_shard); the expected shapes are the model's own, per-rank ones.
+    dtype None keeps each tensor's dtype as stored (python -m llama31.convert).
     """
     def read(name: str) -> torch.Tensor:
         return ckpt.read(name) if world_size == 1 else ckpt.read_shard(name, rank, world_size)
@@ -217,20 +218,7 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
     if tied:
         expected.pop("output.weight", None)  # the embedding serves as the output layer
 
-    missing = sorted(set(expected) - available)
-    if missing:
-        raise KeyError(f"{ckpt.path}: the checkpoint lacks {len(missing)} parameter(s) the model needs, e.g. "
-                       f"{missing[:5]} (expected shape {expected[missing[0]]}). Is the folder complete, and does "
-                       "its config describe these weights?")
-    unexpected = sorted(available - set(expected))
-    if tied and "output.weight" in unexpected:
-        unexpected.remove("output.weight")  # checked against the embedding below
-    extra = [(ckpt.source_name(n), ckpt.file_of(n)) for n in unexpected] + ckpt.unexpected
-    if extra:
-        name, file = extra[0]
-        raise KeyError(f"{file}: unexpected tensor {name!r} ({len(extra)} in all, e.g. {[n for n, _ in extra[:5]]}); "
-                       "the model has no such parameter. Does the config (layers, tied embeddings) match the "
-                       "weights?")
+    check_names(ckpt, expected, available, tied)
 
     def wrong_shape(name: str, found: tuple[int, ...], shape: tuple[int, ...]):
         slice_of = f" (the slice of rank {rank} of {world_size})" if world_size > 1 else ""
@@ -239,16 +227,7 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
         return InputError(where, None, f"{what!r}{slice_of} has shape {found}, the model expects {shape}. Check "
                           "that the config matches the weights.")
 
-    def floating(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        # an integer, boolean or complex tensor where a float weight belongs is a broken or foreign file: casting
-        # it would load numbers that mean nothing
-        if not tensor.is_floating_point():
-            raise InputError(file_of(name), repr(ckpt.source_name(name)), f"has dtype {tensor.dtype}; weights "
-                             "must be floating point (float32, bfloat16, float16). Is the file from another model "
-                             "or format?")
-        return tensor
-
-    total = sum(_nbytes(shape, dtype) for shape in expected.values())
+    total = sum(_nbytes(shape, dtype or torch.float32) for shape in expected.values())
     done = 0
     state = {}
     for name, shape in expected.items():
@@ -257,17 +236,18 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
         else:
             if world_size == 1 and tuple(ckpt.shape(name)) != shape:  # before reading (or permuting) the tensor
                 raise wrong_shape(name, tuple(ckpt.shape(name)), shape)
-            tensor = floating(name, read(name))
+            tensor = check_floating(ckpt, name, read(name), file_of(name))
         if tuple(tensor.shape) != shape:
             raise wrong_shape(name, tuple(tensor.shape), shape)
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and dtype is not None:
             tensor = tensor.to(dtype)
         state[name] = tensor.to(device)
-        done += _nbytes(shape, dtype)
+        done += _nbytes(shape, dtype or torch.float32)
         if progress:
             progress(done, total)
     if tied and "output.weight" in available:
-        output = floating("output.weight", read("output.weight")).to(dtype)
+        output = check_floating(ckpt, "output.weight", read("output.weight"), file_of("output.weight"))
+        output = output.to(state["tok_embeddings.weight"].dtype)
         if output.shape != state["tok_embeddings.weight"].shape or not torch.equal(
                 output.to(state["tok_embeddings.weight"].device), state["tok_embeddings.weight"]):
             raise ValueError(f"{file_of('output.weight')}: the config ties the output layer to the embedding, "
@@ -277,6 +257,34 @@ def load_weights(model, ckpt, *, dtype: torch.dtype, device, progress=None, rank
     model.load_state_dict(state, strict=True, assign=True)
     if tied:  # assign=True gave the two names separate Parameters; share one again
         model.output.weight = model.tok_embeddings.weight
+
+
+def check_names(ckpt, expected: dict[str, tuple[int, ...]], available: set[str], tied: bool) -> None:
+    """Every parameter the model expects is available, and every available tensor is expected; KeyError naming
+    the folder or file and the names otherwise. expected: name -> shape (without output.weight when tied)."""
+    missing = sorted(set(expected) - available)
+    if missing:
+        raise KeyError(f"{ckpt.path}: the checkpoint lacks {len(missing)} parameter(s) the model needs, e.g. "
+                       f"{missing[:5]} (expected shape {expected[missing[0]]}). Is the folder complete, and does "
+                       "its config describe these weights?")
+    unexpected = sorted(available - set(expected))
+    if tied and "output.weight" in unexpected:
+        unexpected.remove("output.weight")  # load_weights checks that it equals the embedding
+    extra = [(ckpt.source_name(n), ckpt.file_of(n)) for n in unexpected] + ckpt.unexpected
+    if extra:
+        name, file = extra[0]
+        raise KeyError(f"{file}: unexpected tensor {name!r} ({len(extra)} in all, e.g. {[n for n, _ in extra[:5]]}); "
+                       "the model has no such parameter. Does the config (layers, tied embeddings) match the "
+                       "weights?")
+
+
+def check_floating(ckpt, name: str, tensor: torch.Tensor, file) -> torch.Tensor:
+    """tensor, which must be floating point: an integer, boolean or complex tensor where a float weight belongs
+    is a broken or foreign file, and casting it would load numbers that mean nothing."""
+    if not tensor.is_floating_point():
+        raise InputError(file, repr(ckpt.source_name(name)), f"has dtype {tensor.dtype}; weights must be floating "
+                         "point (float32, bfloat16, float16). Is the file from another model or format?")
+    return tensor
 
 
 def _nbytes(shape, dtype) -> int:

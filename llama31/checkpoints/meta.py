@@ -18,6 +18,7 @@ import torch
 
 from llama31.checkpoints.sharding import shard_dim, shard_range
 from llama31.config import ModelArgs, read_json
+from llama31.errors import InputError
 
 SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -40,10 +41,20 @@ def shard_files(path: Path) -> list[Path]:
 def load_shard(file: Path) -> dict[str, torch.Tensor]:
     """One consolidated.NN.pth, safely: weights_only=True refuses pickled code; mmap=True avoids a copy."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt file, or a pickle that holds code (refused by weights_only)
-        raise ValueError(f"{file}: cannot be loaded as a PyTorch state dict with weights_only=True "
+        raise InputError(file, None, f"cannot be loaded as a PyTorch state dict with weights_only=True "
                          f"({type(e).__name__}: {e}). Is the download complete?") from None
+    # weights_only still allows plain containers and numbers: a state dict is a dict of named tensors
+    if not isinstance(shard, dict):
+        raise InputError(file, None, f"holds a {type(shard).__name__}, not a state dict (a dict of parameter "
+                         "names to tensors)")
+    for name, tensor in shard.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise InputError(file, repr(name), f"holds a {type(tensor).__name__}, not a tensor; a "
+                             "consolidated.NN.pth maps parameter names to tensors (is it a training checkpoint "
+                             "with the weights nested inside?)")
+    return shard
 
 
 class MetaCheckpoint:
@@ -58,7 +69,7 @@ class MetaCheckpoint:
 
     def __init__(self, path: Path, *, rank: int = 0, world_size: int = 1):
         self.path = path
-        params_file = path / "params.json"
+        params_file = self.config_file = path / "params.json"
         self.params = read_json(params_file)
         self.quantization = self.params.get("quantization_args")
         self._files = shard_files(path)
@@ -69,6 +80,9 @@ class MetaCheckpoint:
             # Meta's 3.2 1B/3B files carry no output.weight: the embedding is reused
             self.params = {**self.params, "tie_word_embeddings": True}
         if "vocab_size" in self.params and self.params["vocab_size"] in (-1, None):
+            if "tok_embeddings.weight" not in first:
+                raise KeyError(f"{self._files[self._home]}: has no 'tok_embeddings.weight' to take the vocabulary "
+                               f"size from ({params_file} gives vocab_size {self.params['vocab_size']})")
             self.params = {**self.params, "vocab_size": self.shape("tok_embeddings.weight")[0]}
         self.args = ModelArgs.from_meta_params(self.params, source=str(params_file))
         self.unexpected: list[tuple[str, Path]] = []
@@ -117,7 +131,9 @@ class MetaCheckpoint:
         if name == "tok_embeddings.weight" and len(self._files) > 1:
             # Llama 3 splits the vocabulary (dim 0), Llama 2 the embedding width (dim 1): tell by shape
             home = self._shard(self._home)
-            dim = 0 if home[name].shape[1] == home["norm.weight"].shape[0] else 1
+            embedding, norm = home[name], home.get("norm.weight")
+            dim = 1 if embedding.dim() == 2 and norm is not None and norm.dim() == 1 and \
+                embedding.shape[1] != norm.shape[0] else 0
         return dim
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -125,6 +141,9 @@ class MetaCheckpoint:
         shape = list(self._shard(self._home)[name].shape)
         dim = self._split_dim(name)
         if dim is not None:
+            if len(shape) <= dim:
+                raise InputError(self._files[self._home], repr(name), f"has shape {tuple(shape)}; a weight matrix "
+                                 "has 2 dimensions. Is the file from another model?")
             shape[dim] *= len(self._files)
         return tuple(shape)
 

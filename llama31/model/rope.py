@@ -72,7 +72,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     x: (bs, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim/2). Returns x's shape and dtype.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, d/2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, d/2, 2), e.g. (1, 7, 32, 64, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]  # (seqlen, 1, d/2): broadcast over heads
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llama31.config import ModelArgs
+from llama31.config import MAX_SIZE, ModelArgs
+from llama31.errors import InputError, InputTypeError, check_int
 from llama31.model.attention import Attention, causal_mask
 from llama31.model.feedforward import FeedForward
 from llama31.model.kv_cache import KVCache
@@ -80,7 +81,8 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
         """Allocate a KV cache for up to max_batch_size sequences of max_seq_len positions (default: the
         model's whole context, args.max_seq_len; ask for less, it costs memory)."""
-        max_seq_len = max_seq_len or self.args.max_seq_len
+        max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
+        self._check_args("Transformer.setup_cache", max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
         weight = self.tok_embeddings.weight
@@ -100,6 +102,8 @@ class Transformer(nn.Module):
         Returns float32 logits (bs, seqlen, vocab_size), or (bs, 1, vocab_size) for the last position only
         when last_only (generation needs no more, and the vocab projection is the largest matmul of a prefill).
         """
+        if not torch.compiler.is_compiling():  # compiled decode steps get their ids from the sampler
+            self._check_args("Transformer.forward", tokens=tokens, start_pos=start_pos)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seqlen), got shape {tuple(tokens.shape)}")
         bs, seqlen = tokens.shape
@@ -117,3 +121,20 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab_size)
+
+    def _check_args(self, where: str, **args) -> None:
+        """Arguments checked with their names: counts (start_pos >= 0, sizes >= 1) and tokens, whose ids must be
+        integers inside the vocabulary (outside it, the embedding fails deep inside torch; on a GPU as a
+        device-side assert that ends the process)."""
+        for name, value in args.items():
+            if name != "tokens":
+                check_int(value, name, where, minimum=0 if name == "start_pos" else 1,
+                          maximum=None if name == "start_pos" else MAX_SIZE)
+        if "tokens" not in args:
+            return
+        tokens = args["tokens"]
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise InputTypeError(where, "tokens", f"must be an int64 tensor of token ids, got "
+                                 f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.numel() and ((tokens < 0) | (tokens >= self.args.vocab_size)).any():
+            raise InputError(where, "tokens", f"hold ids outside the vocabulary 0..{self.args.vocab_size - 1}")

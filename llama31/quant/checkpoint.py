@@ -28,7 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 from llama31.checkpoints import open_checkpoint
+from llama31.checkpoints.atomic import atomic_folder
+from llama31.checkpoints.load import check_config_fits_tensors, check_dtype, check_floating, check_names
 from llama31.checkpoints.names import hf_rows_to_meta, meta_rows_to_hf, meta_to_hf, permuted_heads
+from llama31.errors import InputError, check_bool, check_int, message
 from llama31.quant.formats import (
     Int4Settings,
     compressed_tensors_config,
@@ -38,7 +41,7 @@ from llama31.quant.formats import (
     to_compressed_tensors,
 )
 from llama31.quant.model import Int4Layers
-from llama31.quant.rtn import quantize_weight
+from llama31.quant.rtn import check_group_size, quantize_weight
 
 BLOCK_LINEAR = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 PARTS = {  # report rows: the part of the model each Meta name belongs to
@@ -57,10 +60,18 @@ def layers_for_checkpoint(ckpt) -> Int4Layers:
                          "formats) are not supported; load the float weights, or an HF w4a16 folder "
                          "(GPTQ or compressed-tensors)")
     settings = parse_quantization_config(ckpt.quantization, source=str(Path(ckpt.path) / "config.json"))
+    _check_group_size(ckpt.args, settings.group_size, f"{Path(ckpt.path) / 'config.json'}: quantization_config")
     # The output layer is quantized only in files that say so by carrying packed lm_head tensors.
     quantize_output = any(name.startswith("output.") and not name.endswith(".weight") for name in ckpt.keys())
     return Int4Layers(settings.group_size, zero_point=not settings.symmetric, act_order=settings.act_order,
                       quantize_output=quantize_output)
+
+
+def _check_group_size(args, group_size: int, where: str) -> None:
+    """Every quantized layer's input size (dim for wq wk wv w1 w3, n_heads x head_dim for wo, hidden_dim for
+    w2) must be a multiple of the group size: checked before any layer is built, naming where it came from."""
+    for k in sorted({args.dim, args.n_heads * args.head_dim, args.hidden_dim}):
+        check_group_size(k, group_size, where)
 
 
 def read_int4_modules(ckpt, model) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -87,7 +98,11 @@ def read_int4_modules(ckpt, model) -> tuple[dict[str, torch.Tensor], set[str]]:
         raw = {key.rpartition(".")[2]: ckpt.read_raw(key) for key in keys}
         heads = permuted_heads(f"{name}.weight", model.args.n_heads, model.args.n_kv_heads)
         hf_module = meta_to_hf(f"{name}.weight")[: -len(".weight")]
-        for leaf, tensor in hf_int4_layer(raw, settings, heads=heads, name=hf_module).items():
+        try:
+            converted = hf_int4_layer(raw, settings, heads=heads, name=hf_module)
+        except (ValueError, KeyError) as e:  # formats.py names the module; this names the file too
+            raise InputError(ckpt.file_of(keys[0]), None, message(e)) from None
+        for leaf, tensor in converted.items():
             state[f"{name}.{leaf}"] = tensor
         consumed.update(keys)
     return state, consumed
@@ -121,24 +136,50 @@ def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = Tr
                         dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> list[PartSize]:
     """Write the float checkpoint folder ``src`` as an INT4 compressed-tensors HF folder ``dst``.
 
-    Returns the size of every part before (all weights in ``dtype``) and after (as written).
+    Returns the size of every part before (all weights in ``dtype``) and after (as written). The source is
+    checked as loading checks it (names, shapes, floating dtypes); dst must not exist or be empty, and appears
+    only once complete (it is written under a temporary name beside it).
     """
+    if check_int(group_size, "group_size", "quantize_checkpoint", minimum=8) % 8:
+        raise InputError("quantize_checkpoint", "group_size", f"must be a multiple of 8 (a packed word must not "
+                         f"straddle two groups), got {group_size}; use 32, 64 or 128")
+    check_bool(symmetric, "symmetric", "quantize_checkpoint")
+    if check_dtype(dtype, "quantize_checkpoint") is None:
+        raise InputError("quantize_checkpoint", "dtype", "must be a floating-point torch.dtype, got None")
+    check_int(max_shard_bytes, "max_shard_bytes", "quantize_checkpoint", minimum=1)
     ckpt = open_checkpoint(src)
     if ckpt.quantization:
-        raise ValueError(f"{src}: is already quantized ({ckpt.quantization.get('quant_method', ckpt.quantization)}); "
-                         "quantize the float weights")
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
-    dst.mkdir(parents=True, exist_ok=True)
+        method = ckpt.quantization.get("quant_method") if isinstance(ckpt.quantization, dict) else None
+        raise ValueError(f"{src}: is already quantized ({method or ckpt.quantization!r}); quantize the float weights")
+    with atomic_folder(dst) as tmp:
+        sizes = _quantize_into(ckpt, tmp, group_size, symmetric, dtype, max_shard_bytes)
+        tokenizer = Path(src) / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copy(tokenizer, tmp / "tokenizer.model")
+    return sizes
+
+
+def _quantize_into(ckpt, dst: Path, group_size: int, symmetric: bool, dtype: torch.dtype,
+                   max_shard_bytes: int) -> list[PartSize]:
+    from llama31.model.transformer import Transformer  # only to know every parameter's name and shape
+
     args = ckpt.args
+    check_config_fits_tensors(ckpt)
+    _check_group_size(args, group_size, f"{ckpt.path}: group_size")
+    expected = {name: tuple(t.shape) for name, t in Transformer(args, device="meta").state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("output.weight")
+    check_names(ckpt, expected, set(ckpt.keys()), args.tie_word_embeddings)
     sizes = {part: PartSize(part) for part in PARTS.values()}
     writer = _ShardWriter(dst, max_shard_bytes)
 
     for name in ckpt.keys():
         if args.tie_word_embeddings and name.startswith("output."):
             continue  # tied: HF writes no lm_head, the embedding serves
-        tensor = ckpt.read(name)  # Meta layout
+        if tuple(ckpt.shape(name)) != expected[name]:
+            raise InputError(ckpt.file_of(name), repr(ckpt.source_name(name)), f"has shape {tuple(ckpt.shape(name))}"
+                             f", the model expects {expected[name]}. Check that the config matches the weights.")
+        tensor = check_floating(ckpt, name, ckpt.read(name), ckpt.file_of(name))  # Meta layout
         heads = permuted_heads(name, args.n_heads, args.n_kv_heads)
         if heads:
             tensor = meta_rows_to_hf(tensor, heads)
@@ -157,9 +198,6 @@ def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = Tr
     config = args.to_hf_config(str(dtype).split(".")[-1])
     config["quantization_config"] = compressed_tensors_config(group_size, symmetric=symmetric)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer = Path(src) / "tokenizer.model"
-    if tokenizer.is_file():
-        shutil.copy(tokenizer, dst / "tokenizer.model")
     return [s for s in sizes.values() if s.before]
 
 

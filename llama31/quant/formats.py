@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
+from llama31.errors import InputError, check_bool, check_int, check_object
 from llama31.quant.packing import pack_int4, unpack_int4
 from llama31.quant.rtn import check_group_size
 
@@ -50,52 +51,75 @@ class Int4Settings:
 
 
 def parse_quantization_config(config: Mapping[str, Any], source: str = "config.json") -> Int4Settings:
-    """quantization_config (GPTQ or compressed-tensors pack-quantized, 4-bit, group-wise) -> Int4Settings."""
+    """quantization_config (GPTQ or compressed-tensors pack-quantized, 4-bit, group-wise) -> Int4Settings.
+
+    InputError (a ValueError) names the file and the key of anything unsupported or malformed.
+    """
     where = f"{source}: quantization_config"
+    check_object(config, "quantization_config", source)
     method = config.get("quant_method")
     if method == "gptq":
-        if config.get("bits") != 4:
+        if config.get("bits") != 4 or isinstance(config.get("bits"), bool):
             raise ValueError(f"{where}: bits is {config.get('bits')!r}; llama31 loads 4-bit GPTQ only")
-        group_size = int(config.get("group_size", 128))
+        group_size = _setting(config, "group_size", 128, source, check_int)
         if group_size <= 0:
             raise ValueError(f"{where}: group_size {group_size} (per-channel GPTQ) is not supported; llama31 "
                              "loads group-wise INT4 (32, 64, 128)")
         fmt = config.get("checkpoint_format") or config.get("format") or "gptq"
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"{where}: checkpoint_format {fmt!r} is not supported; expected 'gptq' or 'gptq_v2'")
-        return Int4Settings(fmt, group_size, bool(config.get("sym", True)), bool(config.get("desc_act", False)))
+        return Int4Settings(fmt, group_size, _setting(config, "sym", True, source, check_bool),
+                            _setting(config, "desc_act", False, source, check_bool))
 
     if method == "compressed-tensors":
         if config.get("format") != "pack-quantized":
             raise ValueError(f"{where}: format {config.get('format')!r} is not supported; llama31 loads "
                              "'pack-quantized' (INT4 weights, 16-bit activations)")
-        groups = config.get("config_groups") or {}
+        groups = check_object(config.get("config_groups") or {}, "quantization_config.config_groups", source)
         if not groups:
             raise ValueError(f"{where}: no config_groups")
         settings = set()
         for name, group in groups.items():
-            weights = group.get("weights") or {}
+            key = f"quantization_config.config_groups.{name}"
+            check_object(group, key, source)
+            weights = check_object(group.get("weights") or {}, f"{key}.weights", source)
             if group.get("input_activations") or group.get("output_activations"):
                 raise ValueError(f"{where}: config_groups.{name} quantizes activations; llama31 supports "
                                  "weight-only INT4 (w4a16)")
-            if weights.get("num_bits") != 4 or weights.get("type", "int") != "int":
+            if weights.get("num_bits") != 4 or isinstance(weights.get("num_bits"), bool) \
+                    or weights.get("type", "int") != "int":
                 raise ValueError(f"{where}: config_groups.{name}.weights is {weights.get('num_bits')}-bit "
                                  f"{weights.get('type')!r}; llama31 loads 4-bit int weights")
             if weights.get("strategy") != "group":
                 raise ValueError(f"{where}: config_groups.{name}.weights.strategy is {weights.get('strategy')!r}; "
                                  "llama31 loads strategy 'group'")
             # actorder "group" stores weight_g_idx; "weight" only changed the quantization order (no g_idx).
-            act_order = weights.get("actorder") in ("group", True)
-            settings.add((int(weights["group_size"]), bool(weights.get("symmetric", True)), act_order))
+            actorder = weights.get("actorder")
+            if actorder not in (None, "group", "weight", True, False):
+                raise InputError(source, f"{key}.weights.actorder", f"must be null, 'group', 'weight', true or "
+                                 f"false, got {actorder!r}")
+            if "group_size" not in weights:
+                raise KeyError(f"{source}: {key}.weights has no group_size; llama31 loads group-wise INT4")
+            settings.add((check_int(weights["group_size"], f"{key}.weights.group_size", source, minimum=1),
+                          _setting(weights, "symmetric", True, source, check_bool, f"{key}.weights."),
+                          actorder in ("group", True)))
         if len(settings) != 1:
             raise ValueError(f"{where}: config_groups use different settings {sorted(settings)}; llama31 builds "
                              "every quantized layer alike")
         group_size, symmetric, act_order = settings.pop()
-        return Int4Settings("compressed-tensors", group_size, symmetric, act_order,
-                            tuple(config.get("ignore") or ()))
+        ignore = config.get("ignore") or []
+        if not isinstance(ignore, list) or not all(isinstance(module, str) for module in ignore):
+            raise InputError(source, "quantization_config.ignore", f"must be a list of module names, got {ignore!r}")
+        return Int4Settings("compressed-tensors", group_size, symmetric, act_order, tuple(ignore))
 
     raise ValueError(f"{where}: quant_method {method!r} is not supported; llama31 loads 'gptq' and "
                      "'compressed-tensors' (pack-quantized)")
+
+
+def _setting(config: Mapping[str, Any], key: str, default, source: str, check, prefix: str = "quantization_config."):
+    """config[key] (default when absent or null), checked by check(value, key, source)."""
+    value = config.get(key)
+    return default if value is None else check(value, prefix + key, source)
 
 
 def compressed_tensors_config(group_size: int, *, symmetric: bool = True, act_order: bool = False,
@@ -145,6 +169,10 @@ def convert_layer(tensors: Tensors, settings: Int4Settings, name: str = "") -> d
         raise ValueError(f"{name}: unknown INT4 format {settings.format!r}")
     if settings.symmetric and "weight_zero_point" in out:
         raise ValueError(f"{name}: quantization_config says symmetric but the tensors carry non-zero zero points")
+    if not settings.symmetric and settings.format == "compressed-tensors" and tensors.get("weight_zero_point") is None:
+        # zero points of 0 would be a guess: a file that says asymmetric stores them, even where they are 0
+        raise InputError(name or "INT4 layer", None, "quantization_config says symmetric: false, but the layer has "
+                         "no weight_zero_point; the file is incomplete, or its config should say symmetric: true")
     if not settings.symmetric and "weight_zero_point" not in out:  # an asymmetric file that happens to be zp = 0
         n_groups = out["weight_scale"].shape[1]
         out["weight_zero_point"] = pack_int4(torch.zeros(out["weight_packed"].shape[0], n_groups,
@@ -162,6 +190,9 @@ def from_gptq(tensors: Tensors, *, checkpoint_format: str = "gptq", act_order: b
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise ValueError(f"{name}: GPTQ qweight / qzeros must be int32, got {qweight.dtype} / {qzeros.dtype}")
+    if qweight.dim() != 2 or scales.dim() != 2 or not scales.is_floating_point():
+        raise ValueError(f"{name}: GPTQ qweight [K/8, N] and scales [K/g, N] must be 2-D, scales floating point; "
+                         f"got {tuple(qweight.shape)} and {scales.dtype} {tuple(scales.shape)}")
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     n_groups = scales.shape[0]
     if scales.shape != (n_groups, n) or qzeros.shape != (n_groups, (n + 7) // 8) or k % n_groups:
@@ -190,11 +221,18 @@ def from_compressed_tensors(tensors: Tensors, *, act_order: bool | None = None,
     """
     _require(tensors, ("weight_packed", "weight_scale"), name, "compressed-tensors")
     packed, scale = tensors["weight_packed"], tensors["weight_scale"]
+    if packed.dim() != 2:
+        raise ValueError(f"{name}: weight_packed must be int32 [N, K/8], got shape {tuple(packed.shape)}")
     n = packed.shape[0]
-    k = int(tensors["weight_shape"][1]) if "weight_shape" in tensors else packed.shape[1] * 8
-    if "weight_shape" in tensors and int(tensors["weight_shape"][0]) != n:
-        raise ValueError(f"{name}: weight_shape {tensors['weight_shape'].tolist()} disagrees with weight_packed "
-                         f"{tuple(packed.shape)}")
+    k = packed.shape[1] * 8
+    if "weight_shape" in tensors:
+        shape = tensors["weight_shape"]
+        if shape.shape != (2,) or shape.is_floating_point() or shape.is_complex() or int(shape[0]) != n:
+            raise ValueError(f"{name}: weight_shape {shape.tolist()} must be the two integers [N, K] of the "
+                             f"unpacked weight, N = {n} as in weight_packed {tuple(packed.shape)}")
+        k = int(shape[1])
+    if not scale.is_floating_point():
+        raise ValueError(f"{name}: weight_scale must be floating point, got {scale.dtype}")
     if packed.dtype != torch.int32 or k % 8 or packed.shape[1] != k // 8:
         raise ValueError(f"{name}: weight_packed must be int32 [N, K/8] with K % 8 == 0; got {packed.dtype} "
                          f"{tuple(packed.shape)} for K={k}")
@@ -271,6 +309,8 @@ def _canonical(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, g_
     check_group_size(k, group_size, name or "INT4 layer")
     perm = None
     if g_idx is not None:
+        if g_idx.is_floating_point() or g_idx.is_complex():
+            raise ValueError(f"{name}: g_idx must hold integer group indices, got {g_idx.dtype}")
         g_idx = g_idx.to(torch.int64)
         if g_idx.shape != (k,) or g_idx.min() < 0 or g_idx.max() >= n_groups:
             raise ValueError(f"{name}: g_idx must be [K={k}] with values in [0, {n_groups}); got shape "

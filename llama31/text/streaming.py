@@ -29,7 +29,9 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        """The text completed by ``token_id`` (possibly ""); raises ValueError for an id outside the vocabulary."""
+        """The text completed by ``token_id`` (possibly ""); raises InputError (a ValueError) for an id that is not
+        an integer in the vocabulary, naming it."""
+        token_id = self._tokenizer.check_id(token_id, "token_id", "StreamDecoder.push")
         return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
 
     def finish(self) -> str:

@@ -22,13 +22,14 @@ import operator
 import os
 import re
 import warnings
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Set
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Union
 
 import tiktoken
 
+from llama31.errors import InputError, InputTypeError, check_bool
 from llama31.text.chunking import split_for_tiktoken
 
 TOKENIZER_FILENAME = "tokenizer.model"
@@ -156,7 +157,9 @@ class Tokenizer:
         change the ids of ordinary text.
         """
         if not isinstance(text, str):
-            raise TypeError(f"Tokenizer.encode: text must be a str, got {type(text).__name__}")
+            raise InputTypeError("Tokenizer.encode", "text", f"must be a str, got {type(text).__name__}")
+        check_bool(bos, "bos", "Tokenizer.encode")
+        check_bool(eos, "eos", "Tokenizer.encode")
         ids = [self.bos_id] if bos else []
         special_pattern = self._special_pattern(allowed_special)
         position = 0
@@ -185,10 +188,16 @@ class Tokenizer:
                 return _alternation(frozenset(self._special_tokens))
             raise ValueError(f"Tokenizer.encode: allowed_special must be 'none', 'all' or a set of special-token "
                              f"names, got the string {allowed_special!r} (wrap one name in a set: {{'<|eot_id|>'}})")
-        names = frozenset(allowed_special)
-        unknown = sorted(name for name in names if name not in self._special_tokens)
+        try:
+            names = frozenset(allowed_special)
+        except TypeError:  # not iterable, or holds unhashable things
+            raise InputTypeError("Tokenizer.encode", "allowed_special", f"must be 'none', 'all' or a set of "
+                                 f"special-token names, got {type(allowed_special).__name__} {allowed_special!r}"
+                                 ) from None
+        unknown = sorted(repr(name) for name in names if name not in self._special_tokens)
         if unknown:
-            raise ValueError(f"Tokenizer.encode: allowed_special holds names that are not special tokens: {unknown}")
+            raise ValueError(f"Tokenizer.encode: allowed_special holds names that are not special tokens: "
+                             f"[{', '.join(unknown)}]; the names look like '<|eot_id|>'")
         return _alternation(names) if names else None
 
     # ------------------------------------------------------------------ ids -> text
@@ -196,16 +205,43 @@ class Tokenizer:
         """The text of ``ids``; special tokens appear as their names, invalid UTF-8 as U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The raw bytes of ``ids`` (a token may hold part of a multi-byte UTF-8 character)."""
-        checked = []
-        for i in ids:
-            token_id = operator.index(i)  # accepts int, numpy and 0-d torch integers; rejects floats
-            if not 0 <= token_id < self.n_words:
-                raise ValueError(f"Tokenizer.decode: token id {token_id} is outside the vocabulary "
-                                 f"[0, {self.n_words}); was it produced by a model with a larger vocab_size?")
-            checked.append(token_id)
-        return self._encoding.decode_bytes(checked)
+    def decode_bytes(self, ids: Iterable[int], *, where: str = "Tokenizer.decode") -> bytes:
+        """The raw bytes of ``ids`` (a token may hold part of a multi-byte UTF-8 character).
+
+        ids: ints (Python, numpy or 0-d torch integers) in [0, n_words); anything else raises InputError (a
+        ValueError; a TypeError too for a value that is not an integer) naming the position. where: the
+        function named in the error.
+        """
+        if isinstance(ids, (str, bytes, Mapping, Set)) or getattr(ids, "ndim", 1) != 1:
+            raise InputTypeError(where, "ids", f"must be a sequence of token ids (ints), got {type(ids).__name__} "
+                                 f"of shape {tuple(ids.shape)}" if hasattr(ids, "shape") else
+                                 f"must be a sequence of token ids (ints), got a {type(ids).__name__} (text is "
+                                 "encoded with encode(); a dict or set has no order)")
+        try:
+            items = list(ids)
+        except TypeError:
+            raise InputTypeError(where, "ids", f"must be a sequence of token ids (ints), got "
+                                 f"{type(ids).__name__} {ids!r}") from None
+        return self._encoding.decode_bytes([self.check_id(i, f"ids[{n}]", where) for n, i in enumerate(items)])
+
+    def check_id(self, value, key: str, where: str) -> int:
+        """value as a token id: an integer (Python, numpy or 0-d torch; not a bool, not a float) in [0, n_words)."""
+        if type(value) is not int:
+            if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+                raise InputTypeError(where, key, f"is {value!r}; a token id is an integer, not a bool")
+            if getattr(value, "ndim", 0) != 0:
+                raise InputTypeError(where, key, f"is an array of shape {tuple(value.shape)}; a token id is one "
+                                     "integer (pass a flat sequence of ids)")
+            try:
+                value = operator.index(value)  # numpy and 0-d torch integers; refuses floats and tensors of many
+            except TypeError:
+                raise InputTypeError(where, key, f"is {value!r} ({type(value).__name__}); token ids are integers "
+                                     f"in [0, {self.n_words})") from None
+        if not 0 <= value < self.n_words:
+            raise InputError(where, key, f"is {value}: token id {value} is outside the vocabulary [0, "
+                             f"{self.n_words}); was it produced by a model with a larger vocab_size?")
+        return value
+
 
 
 @lru_cache(maxsize=32)
@@ -217,6 +253,10 @@ def _alternation(names: frozenset[str]) -> re.Pattern:
 # ---------------------------------------------------------------------- finding and reading the file
 def _resolve_path(path: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None) -> Path:
     """Explicit path (file or folder), else the checkpoint folder's file, else the packaged file."""
+    for key, value in (("path", path), ("checkpoint_dir", checkpoint_dir)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InputTypeError("Tokenizer", key, f"must be a file or folder path (str or os.PathLike), got "
+                                 f"{type(value).__name__} {value!r}")
     if path is not None:
         path = Path(path)
         if path.is_dir():
@@ -280,6 +320,11 @@ def load_mergeable_ranks(path: Path) -> dict[bytes, int]:
     if seen_ranks != set(range(N_BASE_TOKENS)):
         raise ValueError(f"{path}: expected ranks 0..{N_BASE_TOKENS - 1} ({N_BASE_TOKENS} lines), found "
                          f"{len(ranks)} tokens; this is not a Llama 3 {TOKENIZER_FILENAME}")
+    # byte-level BPE falls back to single bytes: without a token for each of the 256, some text has no encoding
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{path}: has no token for the byte(s) {[hex(b) for b in missing[:8]]}; a byte-level BPE "
+                         f"file holds a token for each of the 256 bytes. The file is corrupt (re-download it)")
     digest = hashlib.sha256(data).hexdigest()
     if digest != TOKENIZER_SHA256:
         warnings.warn(f"{path}: sha256 {digest} differs from the Llama 3 {TOKENIZER_FILENAME} "
