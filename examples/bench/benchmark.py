@@ -1,8 +1,9 @@
-"""Benchmark llama31 against HF transformers on the same random weights: decode, prefill, TTFT, memory.
+"""Benchmark llama31 against HF transformers (and llama.cpp) on the same random weights: decode, prefill, TTFT, memory.
 
     python examples/bench/benchmark.py                                   # the Llama 3.2 1B shape, fp32 + bf16 (+ INT4)
     python examples/bench/benchmark.py --preset tiny --reps 1            # seconds, for a quick look
     python examples/bench/benchmark.py --dtypes bf16 --batch-sizes 1 --prefill-lens 128 --engines llama31
+    python examples/bench/benchmark.py --engines llama31,hf,llama.cpp    # with llama.cpp (pip install -e '.[engines]')
 
 What it does
   * Builds a random Llama 3.1-architecture model of --preset (weights ~ N(0, 0.02) from a fixed seed, bf16)
@@ -13,6 +14,13 @@ What it does
     llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
     HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31
     only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations.
+    llama.cpp (--engines llama.cpp, through llama-cpp-python's bindings of its C API) runs the same weights
+    exported to GGUF once (llama31/checkpoints/gguf.py) as F32 (fp32), BF16 (bf16) and, for int4, Q4_0 made by
+    llama.cpp's own quantizer (llama_model_quantize: blocks of 32 weights with one fp16 scale; "llama.cpp q4_0"
+    takes part in every dtype's round, as llama31's INT4 does). Its KV cache is F32 for fp32 and F16 (llama.cpp's
+    default) otherwise; flash attention as llama.cpp chooses by default. Each op makes its own context (outside
+    the clock, as llama31 sizes its cache per call) and runs llama_decode, argmax in numpy: TTFT and generate
+    time the same calls end to end, with no sampler chain.
   * Every engine x dtype runs in its own worker process (multiprocessing, spawn), so that each one's memory is
     its own: "RSS" is the worker's RSS after loading and one warm-up run (weights read from a safetensors file
     of the same dtype are mmapped and count only once touched) minus its RSS before loading (imports and
@@ -27,6 +35,7 @@ What it does
                      of one token per row through the KV cache, argmax in between. tok/s = B * steps / time.
                      llama31: model.setup_cache + model(tokens, start_pos, last_only=True) per step.
                      HF: the same loop by hand, model(ids, cache=DynamicCache, logits_to_keep=1) per step.
+                     llama.cpp: llama_decode of one token per sequence (rows are sequences 0 .. B-1).
       prefill L      one forward of L prompt tokens into an empty KV cache, last position's logits only.
       TTFT L         time to the first token through each engine's generate API (a prompt of the first
                      prefill length): llama31's Llama.stream until its first generated token; HF's
@@ -50,8 +59,11 @@ What it does
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import importlib.util
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -60,6 +72,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch._inductor.config  # noqa: F401  (its patch, for ReadProbe)
 
@@ -69,8 +82,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
 # llama31-plain: pack=False, F.linear on plain weights (what the packing gains); llama31-compile: batch-1 decode
 # steps compiled (llama31/cpu/compiled.py; a second copy of the weights: run it with few other engines);
-# hf: transformers.
-ENGINES = ("llama31", "llama31-plain", "llama31-compile", "hf")
+# hf: transformers; llama.cpp: GGUF files of the same weights (F32, BF16, Q4_0), through llama-cpp-python.
+ENGINES = ("llama31", "llama31-plain", "llama31-compile", "hf", "llama.cpp")
 DEFAULT_ENGINES = ["llama31", "hf"]
 
 PRESETS = {
@@ -116,6 +129,44 @@ def model_folder(preset: str, cache_dir: Path) -> Path:
         folder.rmdir()
     partial.rename(folder)
     return folder
+
+
+GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "q4_0": "q4_0"}  # llama.cpp's file for each dtype it runs
+
+
+def gguf_file(folder: Path, dtype: str) -> Path:
+    """Where the model folder's GGUF file of a dtype lives: beside the folder."""
+    return folder.with_name(f"{folder.name}.{GGUF_TYPES[dtype]}.gguf")
+
+
+def gguf_files(folder: Path, args: ModelArgs, threads: int) -> None:
+    """The GGUF files llama.cpp runs, written once beside the model folder (again when the folder is rebuilt):
+    F32 and BF16 by llama31's export, Q4_0 by llama.cpp's own quantizer from the F32 file. Each appears under its
+    name only once complete."""
+    import llama_cpp
+
+    from llama31.checkpoints.gguf import N_LLAMA3_VOCAB, write_gguf
+
+    built = (folder / "config.json").stat().st_mtime
+    for dtype in GGUF_TYPES:
+        if gguf_file(folder, dtype).exists() and gguf_file(folder, dtype).stat().st_mtime < built:
+            gguf_file(folder, dtype).unlink()  # made from an earlier model of that name
+    # the tiny preset's 512 rows stand for the first 512 Llama 3 tokens (a GGUF file names every row's token)
+    ids = None if args.vocab_size == N_LLAMA3_VOCAB else list(range(args.vocab_size))
+    for dtype in ("fp32", "bf16"):
+        if not gguf_file(folder, dtype).exists():
+            print(f"exporting {gguf_file(folder, dtype).name} (once) ...", file=sys.stderr, flush=True)
+            write_gguf(folder, gguf_file(folder, dtype), outtype=GGUF_TYPES[dtype], vocab_ids=ids)
+    q4 = gguf_file(folder, "q4_0")
+    if not q4.exists():
+        print(f"quantizing {q4.name} with llama.cpp (once) ...", file=sys.stderr, flush=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, threads
+        partial = q4.with_name(q4.name + ".partial")
+        if llama_cpp.llama_model_quantize(str(gguf_file(folder, "fp32")).encode(), str(partial).encode(),
+                                          ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {gguf_file(folder, 'fp32')} to Q4_0")
+        partial.rename(q4)
 
 
 # ====================================================================== memory of this process
@@ -324,6 +375,104 @@ class HFEngine:
         return {"seconds": time.perf_counter() - start, "tokens": out[0, prompt_len:].tolist()}
 
 
+class LlamaCppEngine:
+    """llama.cpp on a GGUF file, through llama-cpp-python's bindings of its C API (llama_decode on a llama_batch)."""
+
+    def __init__(self, gguf: Path, dtype: str, threads: int):
+        import llama_cpp
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp logs through it: errors only
+        self.lib, self.threads = llama_cpp, threads
+        self.kv_type = llama_cpp.GGML_TYPE_F32 if dtype == "fp32" else llama_cpp.GGML_TYPE_F16
+        llama_cpp.llama_backend_init()
+        self.baseline = take_baseline_rss()
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.gguf = gguf
+
+    def weight_bytes(self) -> int:
+        """As weight_bytes_read, from the file's tensors: all but token_embd, which a step only indexes (unless
+        the file has no output.weight: then it is the output layer too)."""
+        from gguf import GGUFReader
+
+        tensors = {t.name: int(t.n_bytes) for t in GGUFReader(self.gguf).tensors}
+        return sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
+
+    def _context(self, n_seq: int, positions: int):
+        params = self.lib.llama_context_default_params()
+        params.n_seq_max, params.n_ctx = n_seq, n_seq * -(-positions // 256) * 256
+        params.n_batch = max(params.n_batch, n_seq * positions)  # a whole prompt in one llama_decode
+        params.n_threads = params.n_threads_batch = self.threads
+        params.type_k = params.type_v = self.kv_type
+        ctx = self.lib.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {n_seq} x {positions} positions")
+        return ctx
+
+    def _step(self, ctx, rows: list[list[int]], start: int) -> list[int]:
+        """llama_decode of rows[s] into sequence s from position start; the argmax after each row's last token."""
+        lib, n = self.lib, sum(len(r) for r in rows)
+        batch = lib.llama_batch_init(n, 0, 1)
+        try:
+            i = 0
+            for seq, row in enumerate(rows):
+                for j, token in enumerate(row):
+                    batch.token[i], batch.pos[i], batch.logits[i] = token, start + j, j == len(row) - 1
+                    batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq
+                    i += 1
+            batch.n_tokens = n
+            if lib.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            logits = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(len(rows), self.vocab))
+            return logits.argmax(-1).tolist()
+        finally:
+            lib.llama_batch_free(batch)
+
+    def _greedy(self, ctx, tokens: list[list[int]], steps: int, times: list[float] | None = None) -> list[int]:
+        """Prefill, then `steps` one-token steps of every row (each timed into `times` if given); row 0's tokens."""
+        next_tokens = self._step(ctx, tokens, 0)
+        generated = [next_tokens[0]]
+        for pos in range(len(tokens[0]), len(tokens[0]) + steps):
+            start = time.perf_counter()
+            next_tokens = self._step(ctx, [[t] for t in next_tokens], pos)
+            if times is not None:
+                times.append(time.perf_counter() - start)
+            generated.append(next_tokens[0])
+        return generated
+
+    def decode(self, batch: int, prompt_len: int, steps: int) -> dict:
+        ctx = self._context(batch, prompt_len + steps)
+        try:
+            times = []
+            generated = self._greedy(ctx, prompt(batch, prompt_len, self.vocab).tolist(), steps, times)
+        finally:
+            self.lib.llama_free(ctx)
+        return {"seconds": sum(times), "step_ms": 1e3 * statistics.median(times), "tokens": generated}
+
+    def prefill(self, length: int) -> dict:
+        ctx = self._context(1, length)
+        try:
+            start = time.perf_counter()
+            self._step(ctx, prompt(1, length, self.vocab).tolist(), 0)
+            return {"seconds": time.perf_counter() - start}
+        finally:
+            self.lib.llama_free(ctx)
+
+    def ttft(self, length: int) -> dict:
+        return self.prefill(length)  # the first token is the argmax after the prompt
+
+    def generate(self, batch: int, prompt_len: int, steps: int) -> dict:
+        ctx = self._context(batch, prompt_len + steps)
+        try:
+            start = time.perf_counter()
+            generated = self._greedy(ctx, prompt(batch, prompt_len, self.vocab).tolist(), steps - 1)
+            return {"seconds": time.perf_counter() - start, "tokens": generated}
+        finally:
+            self.lib.llama_free(ctx)
+
+
 def int4_group_size(args: ModelArgs) -> int:
     """128 (the common default) unless the model's widths need a smaller group (the tiny preset)."""
     widths = (args.dim, args.hidden_dim, args.n_heads * args.head_dim)
@@ -340,6 +489,8 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int, read_mib: i
         probe = ReadProbe(read_mib)  # before the engine takes its baseline RSS: charged to no engine
         if engine == "hf":
             runner = HFEngine(Path(folder), dtype)
+        elif engine == "llama.cpp":
+            runner = LlamaCppEngine(gguf_file(Path(folder), dtype), dtype, threads)
         else:
             runner = Llama31Engine(Path(folder), dtype, pack=engine == "llama31", compile=engine == "llama31-compile")
         gc.collect()
@@ -468,11 +619,15 @@ def run_benchmark(opts) -> dict:
     torch.set_num_threads(opts.threads)
 
     configs = [(e, d) for d in opts.dtypes if d in DTYPES for e in opts.engines]
-    int4 = "int4" in opts.dtypes and "llama31" in opts.engines
+    # the 4-bit workers, loaded once, take part in every dtype's round: llama31's INT4, llama.cpp's Q4_0
+    int4 = [(e, d) for e, d in (("llama31", "int4"), ("llama.cpp", "q4_0"))
+            if "int4" in opts.dtypes and e in opts.engines]
     if int4 and not any(d in DTYPES for d in opts.dtypes):
         configs_rounds = [[]]
     else:
         configs_rounds = [[c for c in configs if c[1] == d] for d in opts.dtypes if d in DTYPES]
+    if "llama.cpp" in opts.engines:
+        gguf_files(folder, args, opts.threads)
 
     ops = [(f"decode_b{b}", "decode", dict(batch=b, prompt_len=opts.decode_prompt, steps=opts.decode_tokens))
            for b in opts.batch_sizes]
@@ -481,7 +636,7 @@ def run_benchmark(opts) -> dict:
             ("generate_b1", "generate", dict(batch=1, prompt_len=opts.decode_prompt, steps=opts.decode_tokens))]
 
     results: dict[str, dict] = {}  # config name -> {"memory": ..., "runs": {op: [per-rep raw results]}}
-    int4_worker = Worker("llama31", "int4", folder, opts.threads, opts.read_mib) if int4 else None
+    int4_workers = [Worker(e, d, folder, opts.threads, opts.read_mib) for e, d in int4]
     try:
         for round_configs in configs_rounds:
             workers = []
@@ -491,10 +646,10 @@ def run_benchmark(opts) -> dict:
                 for e, d in round_configs:
                     workers.append(Worker(e, d, folder, opts.threads, opts.read_mib))
                     warm_up(workers[-1], opts)
-                if int4_worker:
-                    if "steady_rss" not in int4_worker.info:
-                        warm_up(int4_worker, opts)
-                    workers.append(int4_worker)
+                for w in int4_workers:
+                    if "steady_rss" not in w.info:
+                        warm_up(w, opts)
+                    workers.append(w)
                 for w in workers:
                     results.setdefault(w.name, {"memory": w.info, "runs": {}, "rounds": []})
                     results[w.name]["rounds"].append(round_configs[0][1] if round_configs else "int4")
@@ -518,11 +673,11 @@ def run_benchmark(opts) -> dict:
                               file=sys.stderr, flush=True)
             finally:
                 for w in workers:
-                    if w is not int4_worker:
+                    if w not in int4_workers:
                         w.close()
     finally:
-        if int4_worker:
-            int4_worker.close()
+        for w in int4_workers:
+            w.close()
 
     report = summarise(opts, args, results, ops)
     report["model_folder"] = str(folder)
@@ -585,12 +740,14 @@ def summarise(opts, args: ModelArgs, results: dict, ops) -> dict:
     pairs += [(f"llama31 {d}", f"llama31-plain {d}") for d in ("fp32", "bf16")]
     pairs += [(f"llama31-compile {d}", f"llama31 {d}") for d in ("fp32", "bf16")]
     pairs += [("llama31 int4", f"hf {d}") for d in ("fp32", "bf16")]
+    pairs += [(f"llama.cpp {d}", f"{e} {d}") for d in ("fp32", "bf16") for e in ("llama31", "hf")]
+    pairs += [("llama.cpp q4_0", "llama31 int4")]
     for a, b in pairs:
         ratios = {key: paired(a, b, key) for key, *_ in ops}
         if any(v is not None for v in ratios.values()):
             summary["ratios"][f"{a} / {b}"] = ratios
     for d in ("fp32", "bf16"):
-        for engine in ("llama31", "llama31-compile"):
+        for engine in ("llama31", "llama31-compile", "llama.cpp"):
             ours, theirs = results.get(f"{engine} {d}"), results.get(f"hf {d}")
             if ours and theirs:
                 for key in [k for k, *_ in ops if k.startswith("decode")] + ["generate_b1"]:
@@ -691,7 +848,7 @@ def format_table(report: dict) -> str:
                                          for pair, ratios in report["ratios"].items()})
     lines.append("")
     for what, agreement in report["greedy_agreement"].items():
-        lines.append(f"greedy tokens, llama31 vs hf, {what}: {agreement}")
+        lines.append(f"greedy tokens vs hf's, {what}: {agreement}")
     return "\n".join(lines)
 
 
@@ -741,12 +898,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="llama3.2-1b", choices=sorted(PRESETS),
                         help="model shape (default llama3.2-1b: 1.24 B parameters; tiny: seconds)")
     parser.add_argument("--dtypes", type=names, default=["fp32", "bf16", "int4"],
-                        help="comma-separated, of fp32, bf16, int4 (int4: llama31 only, skipped without "
-                             "llama31.quant; default all three)")
+                        help="comma-separated, of fp32, bf16, int4 (int4: llama31's INT4 and llama.cpp's Q4_0; "
+                             "default all three)")
     parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
                         help="comma-separated, from: llama31 (as from_pretrained loads it: packed weights on a CPU), "
                              "llama31-plain (pack=False: F.linear), llama31-compile (batch-1 decode steps through "
-                             "torch.compile: llama31/cpu/compiled.py), hf (default: llama31,hf)")
+                             "torch.compile: llama31/cpu/compiled.py), hf, llama.cpp (GGUF files of the same "
+                             "weights, through llama-cpp-python) (default: llama31,hf)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch threads in every engine (default {torch.get_num_threads()})")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
@@ -770,6 +928,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for e in opts.engines:
         if e not in ENGINES:
             parser.error(f"--engines: unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    if "llama.cpp" in opts.engines and not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
+        parser.error("--engines llama.cpp needs llama-cpp-python and gguf: pip install -e '.[engines]'")
     if not opts.engines or not opts.dtypes or not opts.prefill_lens or not opts.batch_sizes:
         parser.error("--engines, --dtypes, --prefill-lens and --batch-sizes need at least one value each")
     if min(opts.threads, opts.reps, opts.decode_tokens, opts.decode_prompt, *opts.prefill_lens,

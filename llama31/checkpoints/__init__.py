@@ -5,6 +5,7 @@ sharding.py  which slice of each parameter a model-parallel rank holds (the spli
 meta.py      reading (files merged, or one rank's slice) and writing (split as fairscale splits) Meta folders
 hf.py        reading (whole, or one rank's slice) and writing HF folders
 load.py      strict loading into a Transformer (on one process, or each rank its slice)
+gguf.py      writing a GGUF file, llama.cpp's format (python -m llama31.convert --to gguf)
 """
 
 from llama31.checkpoints.hf import HFCheckpoint, save_hf

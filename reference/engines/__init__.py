@@ -2,4 +2,5 @@
 
     python -m reference.engines.hf       --ckpt-dir DIR --golden GOLDEN --out CANDIDATE [--dtype bfloat16]
     python -m reference.engines.llama31  --ckpt-dir DIR --golden GOLDEN --out CANDIDATE [--dtype bfloat16]
+    python -m reference.engines.llamacpp (--ckpt-dir DIR | --gguf FILE) --golden GOLDEN --out CANDIDATE
 """
