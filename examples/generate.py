@@ -17,6 +17,7 @@ only rank 0 prints, and every rank samples the same tokens.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from llama31 import parallel
+from llama31.errors import run_command
 from llama31.generation import Llama
 from llama31.quant import Int4Linear
 from llama31.text import StreamDecoder
@@ -68,10 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "weights and a compile at the first token")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    import math
-
-    from llama31.errors import report_uncaught_user_errors
-
     if args.compile and args.int4:
         parser.error("--compile covers float32 and bfloat16 models, not --int4")
     if args.max_new_tokens < 1:
@@ -89,8 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_seq_len is not None and args.max_new_tokens >= args.max_seq_len:
         parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-seq-len "
                      f"{args.max_seq_len}")
-    # errors found later (a prompt longer than the context, say) end in one line too, unless --debug
-    report_uncaught_user_errors(debug=args.debug)
     return args
 
 
@@ -165,8 +161,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not parallel.is_main_process():  # under torchrun, rank 0 alone talks to the user
         sys.stdout = sys.stderr = open(os.devnull, "w")
-    try:
-        return run(args)
+    try:  # a user's error (a prompt longer than the context, say) ends in one line, unless --debug
+        return run_command(lambda: run(args), debug=args.debug)
     finally:
         parallel.close()
 

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Callable
 
 __all__ = ["USER_ERRORS", "InputError", "InputTypeError", "check_bool", "check_int", "check_number", "check_object",
-           "message", "report_uncaught_user_errors", "run_command"]
+           "message", "run_command"]
 
 
 # ---------------------------------------------------------------------------------------------- checking values
@@ -129,21 +129,3 @@ def run_command(body: Callable[[], int], *, debug: bool = False) -> int:
             raise
         print(f"error: {message(error)}", file=sys.stderr)
         return 1
-
-
-def report_uncaught_user_errors(*, debug: bool = False) -> None:
-    """For a script whose whole main cannot be wrapped in run_command: a user error that reaches the top level
-    prints as run_command prints it (one line, exit status 1) instead of a traceback. Other exceptions, and
-    every exception when debug, keep Python's traceback."""
-    if debug or getattr(sys.excepthook, "reports_user_errors", False):
-        return
-    default = sys.excepthook
-
-    def hook(kind, error, traceback):
-        if issubclass(kind, USER_ERRORS):
-            print(f"error: {message(error)}", file=sys.stderr)
-        else:
-            default(kind, error, traceback)
-
-    hook.reports_user_errors = True  # installed once, however often a script's main runs
-    sys.excepthook = hook

@@ -21,7 +21,6 @@ a user is encoded as the characters it consists of, never as the special token.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, TypedDict
@@ -137,7 +136,8 @@ class ChatFormat:
         The reply ends at the first stop token (<|eot_id|>, <|eom_id|> or <|end_of_text|>); ids after it are
         ignored. Without a stop token the stop reason is "length". Text after a <|python_tag|> is the tool call.
         """
-        ids = [operator.index(i) for i in ids]  # also takes a tensor's elements, which would not match dict keys
+        # plain ints (a tensor's elements would not match dict keys); anything that is not a token id is an error
+        ids = [self.tokenizer.check_id(i, f"ids[{n}]", "ChatFormat.decode_assistant_reply") for n, i in enumerate(ids)]
         stop_reasons = {self.tokenizer.eot_id: "eot", self.tokenizer.eom_id: "eom",
                         self.tokenizer.eos_id: "end_of_text"}
         stop_reason: StopReason = "length"
