@@ -1,10 +1,10 @@
 """Generate text or chat with Llama 3.1, streaming tokens to the terminal.
 
-With no arguments it runs the embedded demo model (a small Llama 3.1-architecture model with random weights
-from a fixed seed: the real tokenizer, chat format, prefill, KV-cache decoding, sampling and streaming all run,
-but the text is not meaningful). Point --ckpt-dir at real weights to get real text:
+With no arguments it runs the embedded demo model: a small Llama 3.1 that this project trained on the King
+James Bible (llama31/demo/, docs/demo_model.md), with the real tokenizer. It continues a verse in that style;
+it knows nothing else and follows no instructions. Point --ckpt-dir at real weights for a real Llama 3.1:
 
-    python examples/generate.py                                          # demo: one chat turn
+    python examples/generate.py                                          # demo: continues a KJV verse
     python examples/generate.py --ckpt-dir Meta-Llama-3.1-8B-Instruct/    # a Meta or HF folder
     python examples/generate.py --ckpt-dir DIR --prompt "The capital of France is" --temperature 0
     python examples/generate.py --ckpt-dir DIR --chat --system "You are terse."
@@ -17,6 +17,7 @@ only rank 0 prints, and every rank samples the same tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -33,6 +34,7 @@ from llama31.text import StreamDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_QUESTION = "Explain in two sentences why the sky is blue."
+DEMO_PROMPT = "And the LORD spake unto Moses, saying,"  # what the demo model continues by default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +90,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-seq-len "
                      f"{args.max_seq_len}")
     return args
+
+
+def describe_demo() -> str:
+    """What the demo model is, from the record its training and export run wrote (llama31/demo/record.json)."""
+    from llama31.demo import RECORD_FILE
+
+    record = json.loads(RECORD_FILE.read_text())
+    model, training, heldout = record["model"]["args"], record["training"], record["heldout"]
+    return (f"Demo model: a Llama 3.1 of {record['model']['parameters'] / 1e6:.1f} M parameters "
+            f"({model['num_hidden_layers']} layers, dim {model['hidden_size']}, {model['num_attention_heads']} query "
+            f"heads sharing {model['num_key_value_heads']} kv heads, the real {model['vocab_size']}-token vocabulary) "
+            f"trained by this project on the King James Bible\n({training['tokens_trained'] / 1e6:.1f} M tokens; "
+            f"held-out loss {heldout['loss_nats_per_token']:.2f} nats/token, perplexity {heldout['perplexity']:.0f}; "
+            "docs/demo_model.md). It writes KJV-style English and follows no instructions.\n"
+            "For a real Llama 3.1: python examples/generate.py --ckpt-dir <Meta or HF folder>\n")
 
 
 def show_progress(done: int, total: int) -> None:
@@ -172,10 +189,9 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") and args.ckpt_dir else torch.float32)
     if args.ckpt_dir is None:
-        print("Demo model: a small Llama 3.1-architecture model (4 layers, dim 256, real 128K vocabulary) with "
-              "RANDOM weights from a fixed seed.\nThe tokenizer, chat format, prefill, KV-cache decoding, sampling "
-              "and streaming are real; the text is NOT meaningful.\nFor real text: python examples/generate.py "
-              "--ckpt-dir <Meta or HF Llama 3.1 folder>\n", file=sys.stderr)
+        print(describe_demo(), file=sys.stderr)
+        if args.prompt is None and not args.chat:  # a base model of the KJV: a verse to continue, not a question
+            args.prompt = DEMO_PROMPT
     try:
         llama = Llama.build(args.ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             dtype=dtype, device=device, max_batch_size=1, progress=show_progress,

@@ -1,5 +1,6 @@
 """examples/generate.py as a user runs it: a subprocess, checked by its output and exit status."""
 
+import json
 import os
 import re
 import subprocess
@@ -19,16 +20,21 @@ def run(*args, stdin=None, timeout=300):
                           env=env, timeout=timeout)
 
 
-def test_no_arguments_runs_the_demo_and_streams_text():
-    result = run("--max-new-tokens", "12")
+def test_no_arguments_runs_the_trained_demo_and_streams_its_recorded_text():
+    """With no arguments: the demo model (trained by the project on the KJV) continues a verse. Greedy, its text is
+    the continuation the training run recorded (llama31/demo/record.json), streamed token by token."""
+    record = json.loads((ROOT / "llama31" / "demo" / "record.json").read_text())["greedy"]
+    result = run("--temperature", "0", "--max-new-tokens", str(record["max_gen_len"]))
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stderr and "NOT meaningful" in result.stderr
-    assert "assistant:" in result.stdout
-    reply = result.stdout.split("assistant:", 1)[1].strip()
-    assert reply  # some text was streamed
+    assert "trained by this project on the King James Bible" in result.stderr and "--ckpt-dir" in result.stderr
+    assert result.stdout.startswith(record["prompt"])
+    assert result.stdout[len(record["prompt"]):].rstrip("\n") == record["text"]
     stats = re.search(r"\[(\d+) prompt tokens, (\d+) generated, stop: (\w+); prefill [\d.]+ tok/s, decode [\d.]+ "
                       r"tok/s\]", result.stderr)
-    assert stats and int(stats.group(1)) > 10 and 1 <= int(stats.group(2)) <= 12
+    assert stats and int(stats.group(1)) == len(record["prompt_ids"]) and int(stats.group(2)) == len(record["ids"])
+
+    sampled = run("--max-new-tokens", "12")  # the default: top-p sampling, seed 0
+    assert sampled.returncode == 0 and sampled.stdout.startswith(record["prompt"]), sampled.stderr
 
 
 @pytest.fixture(scope="module")
