@@ -47,7 +47,7 @@ def test_cache_errors_are_clear(hf_folder):
     model.setup_cache(1, 16)
     with pytest.raises(ValueError, match="KV cache holds 1 sequences of 16 positions; got batch 1 at positions 10..19"):
         model(torch.zeros(1, 10, dtype=torch.long), start_pos=10)
-    with pytest.raises(ValueError, match="exceeds the model's context of 1024"):
+    with pytest.raises(ValueError, match="max_seq_len must be an integer >= 1 and <= 1024"):
         model.setup_cache(1, 2048)
     with pytest.raises(ValueError, match="exceed the model's context of 1024 tokens"):
         model(torch.zeros(1, 2, dtype=torch.long), start_pos=1023)

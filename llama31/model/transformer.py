@@ -82,9 +82,8 @@ class Transformer(nn.Module):
         """Allocate a KV cache for up to max_batch_size sequences of max_seq_len positions (default: the
         model's whole context, args.max_seq_len; ask for less, it costs memory)."""
         max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
-        self._check_args("Transformer.setup_cache", max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-        if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
+        check_int(max_batch_size, "max_batch_size", "Transformer.setup_cache", minimum=1, maximum=MAX_SIZE)
+        check_int(max_seq_len, "max_seq_len", "Transformer.setup_cache", minimum=1, maximum=self.args.max_seq_len)
         weight = self.tok_embeddings.weight
         for layer in self.layers:
             attn = layer.attention
@@ -103,7 +102,7 @@ class Transformer(nn.Module):
         when last_only (generation needs no more, and the vocab projection is the largest matmul of a prefill).
         """
         if not torch.compiler.is_compiling():  # compiled decode steps get their ids from the sampler
-            self._check_args("Transformer.forward", tokens=tokens, start_pos=start_pos)
+            self._check_tokens(tokens, start_pos)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seqlen), got shape {tuple(tokens.shape)}")
         bs, seqlen = tokens.shape
@@ -122,19 +121,11 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab_size)
 
-    def _check_args(self, where: str, **args) -> None:
-        """Arguments checked with their names: counts (start_pos >= 0, sizes >= 1) and tokens, whose ids must be
-        integers inside the vocabulary (outside it, the embedding fails deep inside torch; on a GPU as a
-        device-side assert that ends the process)."""
-        for name, value in args.items():
-            if name != "tokens":
-                check_int(value, name, where, minimum=0 if name == "start_pos" else 1,
-                          maximum=None if name == "start_pos" else MAX_SIZE)
-        if "tokens" not in args:
-            return
-        tokens = args["tokens"]
+    def _check_tokens(self, tokens, start_pos) -> None:
+        """Ids outside the vocabulary would fail deep inside the embedding (on a GPU, as a device-side assert)."""
+        check_int(start_pos, "start_pos", "Transformer.forward", minimum=0)
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            raise InputTypeError(where, "tokens", f"must be an int64 tensor of token ids, got "
+            raise InputTypeError("Transformer.forward", "tokens", "must be an int64 tensor of token ids, got "
                                  f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
         if tokens.numel() and ((tokens < 0) | (tokens >= self.args.vocab_size)).any():
-            raise InputError(where, "tokens", f"hold ids outside the vocabulary 0..{self.args.vocab_size - 1}")
+            raise InputError("Transformer.forward", "tokens", f"hold ids outside 0..{self.args.vocab_size - 1}")
