@@ -94,10 +94,23 @@ def test_compile_benchmark_runs_both_modes_on_the_tiny_preset(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("A/B") == 2 and "median over 2: speed of B / A" in result.stdout
     assert "with {'pattern_matcher': True}" in result.stdout
-    # bad arguments: an argument error that says what is wrong, before any model is loaded
+
+
+def test_compile_benchmark_refuses_bad_arguments_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """An argument error that says what is wrong (argparse's exit status 2); run in-process, as the checks come
+    before any model is built."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCH))  # bench_compile imports benchmark.py beside it
+    spec = importlib.util.spec_from_file_location("bench_compile", BENCH / "bench_compile.py")
+    bench_compile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_compile)
+    base = ["--preset", "tiny", "--dtypes", "fp32", "--cache-dir", str(tmp_path / "cache")]
     for bad, message in ((["--against", "cpp_wrapper=false"], "--against must be a JSON object of inductor settings"),
                          (["--against", '{"no_such_setting": 1}'], "config.no_such_setting does not exist"),
                          (["--layers", "2"], "--layers and --reps apply only with --against"),
                          (["--dtypes", "fp16"], "--dtypes: unknown fp16; choose from")):
-        result = subprocess.run(script + bad, capture_output=True, text=True, env=env, timeout=300)
-        assert result.returncode == 2 and message in result.stderr, (bad, result.stderr[-2000:])
+        with pytest.raises(SystemExit) as exit_info:
+            bench_compile.main(base + bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, bad
+    assert not (tmp_path / "cache").exists()  # no model was built

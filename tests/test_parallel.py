@@ -146,14 +146,15 @@ def test_each_process_holds_a_1_over_n_slice_of_the_weights(two, four, reference
 
 def test_a_broken_file_fails_every_rank_naming_the_file(two):
     _, ranks = two
-    assert ranks[1]["truncated01"].startswith("ValueError: ")
+    assert ranks[1]["truncated01"].startswith("InputError: ")  # llama31.errors.InputError, a ValueError
     assert "consolidated.01.pth: cannot be loaded" in ranks[1]["truncated01"]
     # rank 0's own file is fine: it is told which rank failed, and why
     assert ranks[0]["truncated01"].startswith("RuntimeError: rank 1 failed to load")
     assert "consolidated.01.pth: cannot be loaded" in ranks[0]["truncated01"]
     for r in ranks:
-        assert "consolidated.01.pth: 'layers.0.attention.wq.weight' (the slice of rank 1 of 2) has shape (16, 64), " \
-               "the model expects (32, 64)" in r["badshape01"]
+        # checked against the config before any module is built: rank 1's file holds half the rows it should
+        assert "params.json: n_heads gives attention.wq 4 heads x head_dim 16 = 64 output rows, but " \
+               "layers.0.attention.wq.weight in " in r["badshape01"] and "consolidated.01.pth has 32" in r["badshape01"]
         assert "consolidated.00.pth is missing" in r["missing00"]
 
 

@@ -88,6 +88,10 @@ class HFCheckpoint:
     def source_name(self, name: str) -> str:
         return self._meta_to_hf[name]
 
+    def shape_file(self, name: str) -> Path:
+        """The file shape(name) is read from."""
+        return self.file_of(name)
+
     def _handle(self, file: Path):
         if file not in self._handles:
             self._handles[file] = _safetensors(file, lambda: safe_open(file, framework="pt"))

@@ -153,20 +153,22 @@ def check_config_fits_tensors(ckpt) -> None:
     for module, field, rows in (("attention.wq", "n_heads", args.n_heads * args.head_dim),
                                 ("attention.wk", "n_kv_heads", args.n_kv_heads * args.head_dim),
                                 ("feed_forward.w1", "hidden_dim", args.hidden_dim)):
-        found_rows = _output_rows(ckpt, names, f"layers.0.{module}")
-        if found_rows is not None and found_rows != rows:
+        found = _output_rows(ckpt, names, f"layers.0.{module}")
+        if found is not None and found[0] != rows:
             sizes = f"{args.hidden_dim}" if field == "hidden_dim" else \
                 f"{getattr(args, field)} heads x head_dim {args.head_dim} = {rows}"
-            fail(field, f"gives {module} {sizes} output rows, but layers.0.{module} has {found_rows}")
+            fail(field, f"gives {module} {sizes} output rows, but {ckpt.source_name(found[1])} in "
+                        f"{ckpt.shape_file(found[1])} has {found[0]}")
 
 
-def _output_rows(ckpt, names: set[str], module: str) -> int | None:
-    """The output features of a linear layer as stored: a float weight (N, K), a packed INT4 weight_packed
-    (N, K/8) or a GPTQ qweight (K/8, N); None when the module is stored otherwise or not at all."""
+def _output_rows(ckpt, names: set[str], module: str) -> tuple[int, str] | None:
+    """(the output features of a linear layer as stored, the tensor's name): a float weight (N, K), a packed INT4
+    weight_packed (N, K/8) or a GPTQ qweight (K/8, N); None when the module is stored otherwise or not at all."""
     for leaf, axis in (("weight", 0), ("weight_packed", 0), ("qweight", 1)):
-        if f"{module}.{leaf}" in names:
-            shape = ckpt.shape(f"{module}.{leaf}")
-            return shape[axis] if len(shape) == 2 else -1
+        name = f"{module}.{leaf}"
+        if name in names:
+            shape = ckpt.shape(name)
+            return (shape[axis] if len(shape) == 2 else -1), name
     return None
 
 

@@ -120,6 +120,8 @@ class MetaCheckpoint:
         """The file that `name` (or rank's slice of it) is read from; the folder when it spans several."""
         if world_size == 1:
             return self._files[0] if len(self._files) == 1 else self.path
+        if self._split_dim(name) is None:  # replicated (the norms): read from the home file, as read_shard does
+            return self._files[self._home]
         files = self._files_of(name, rank, world_size)
         return self._files[files.start] if len(files) == 1 else self.path
 
@@ -135,6 +137,10 @@ class MetaCheckpoint:
             dim = 1 if embedding.dim() == 2 and norm is not None and norm.dim() == 1 and \
                 embedding.shape[1] != norm.shape[0] else 0
         return dim
+
+    def shape_file(self, name: str) -> Path:
+        """The file shape(name) is read from (scaled by the number of files where the parameter is split)."""
+        return self._files[self._home]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The full (merged) shape of `name`."""
