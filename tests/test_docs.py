@@ -62,3 +62,14 @@ def test_architecture_shows_every_figure_from_the_committed_folder():
     assert sorted(images) == sorted(f"figures/{name}" for name in FIGURES)
     for image in images:
         assert (DOCS / image).read_bytes().startswith(PNG_SIGNATURE), f"docs/{image} is missing or not a PNG"
+
+
+def test_architecture_shape_walk_runs_and_prints_what_the_page_shows(capsys):
+    """The page's first code block builds 8B on the "meta" device and prints the shapes it then quotes."""
+    page = (DOCS / "architecture.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if 'device="meta"' in block)
+    exec(compile(code, "docs/architecture.md", "exec"), {})
+    printed = capsys.readouterr().out
+    for line in ("tok_embeddings (1, 7, 4096)", "layers.0.attention (1, 7, 4096)",
+                 "layers.0.feed_forward.w1 (1, 7, 14336)", "output (1, 7, 128256)"):
+        assert line in printed and line in code  # printed, and shown on the page
