@@ -40,7 +40,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: (bs, vocab) float32 -> next token ids (bs,) int64."""
     check_sampling(temperature, top_p)
-    if (torch.isnan(logits) | torch.isposinf(logits)).any():
+    # one reduction per row, per step, checks every logit: a NaN makes the max NaN, and +inf makes it inf
+    top = logits.amax(dim=-1, keepdim=True)  # (bs, 1)
+    if not torch.isfinite(top).all():
         raise InputError("sample", "logits", "hold NaN or +inf: the model's weights or inputs are broken (a NaN in "
                          "the checkpoint, or an overflow in float16)")
     # A temperature below the logits' smallest normal float would round to 0 in their dtype (x / 0): take its
@@ -48,10 +50,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature < torch.finfo(logits.dtype).tiny:
         return logits.argmax(dim=-1)
     scaled = logits / temperature
-    if (torch.isinf(scaled) & torch.isfinite(logits)).any():
+    if not torch.isfinite(top / temperature).all() or not torch.isfinite(logits.amin() / temperature):
         # a temperature so small that logits / T overflows: softmax of the shifted logits is the same
         # distribution (and tends to the argmax, the limit T -> 0) without inf - inf
-        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+        scaled = (logits - top) / temperature
     probs = torch.softmax(scaled, dim=-1)
     return sample_top_p(probs, top_p, generator)
 
