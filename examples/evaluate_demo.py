@@ -2,6 +2,7 @@
 
     python examples/kjv_corpus.py                  # out/kjv/ (the same corpus the model was trained on)
     python examples/evaluate_demo.py               # prints the table; --json FILE also writes the numbers
+    python examples/evaluate_demo.py --int4-only   # float32 and the two INT4 g128 rows, and how they compare
 
 Every row is the mean cross-entropy (nats/token) over the SAME held-out tokens: every token of the held-out
 chapters after the first, predicted by the full 128256-way softmax. The model reads them in consecutive
@@ -12,9 +13,13 @@ windows of 256 tokens (examples/train.py's heldout_windows; a window's first tar
     conditioned on the previous token, which the model always has too (at a window's start, nothing more);
     a and lam are chosen on the training split alone: counts from its first 95%, scored on its last 5%;
   * the shipped model, in float32 (its bfloat16 weights exactly), then INT4 round-to-nearest
-    (llama31.quant.quantize_model) at group sizes 32, 64 and 128, and the INT4 folder that
-    examples/quantize.py writes (group 128, symmetric; embeddings and the output layer stay bfloat16).
-Then a few sampled continuations (temperature 0.8, top-p 0.9, a fixed seed).
+    (llama31.quant.quantize_model) at group sizes 32, 64 and 128, at 128 with the output layer INT4 too
+    (quantize_output=True), and the INT4 folder that examples/quantize.py writes (group 128, symmetric;
+    embeddings and the output layer stay bfloat16).
+Then, for the two g128 models, how far their logits are from the float model's (the first 512 held-out
+positions, over the trained vocabulary rows: the others are 0 in every model) and how much of their greedy
+continuation of the recorded prompt (llama31/demo/record.json) is the float model's. Then a few sampled
+continuations (temperature 0.8, top-p 0.9, a fixed seed).
 """
 
 from __future__ import annotations
@@ -55,6 +60,27 @@ def heldout_loss(model, ids: torch.Tensor, seq_len: int = SEQ_LEN, batch_size: i
             total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
             count += targets.numel()
     return total / count
+
+
+@torch.no_grad()
+def logit_differences(reference, model, ids: torch.Tensor, rows: torch.Tensor, positions: int = 512):
+    """(max, mean) of |model logits - reference logits| over the first `positions` positions of ids (read in
+    windows of SEQ_LEN, as heldout_loss reads them) and the vocabulary ids `rows` (a boolean (vocab_size,) mask)."""
+    windows = list(heldout_windows(ids, SEQ_LEN))[:positions // SEQ_LEN]
+    inputs = torch.stack([w[0] for w in windows])  # (positions // SEQ_LEN, SEQ_LEN)
+    difference = (model(inputs) - reference(inputs))[..., rows].abs()  # (b, SEQ_LEN, rows)
+    return difference.max().item(), difference.mean().item()
+
+
+def greedy_continuation(model) -> list[int]:
+    """The model's greedy continuation (token ids) of the prompt the export run recorded (llama31/demo/record.json)."""
+    from llama31.demo import RECORD_FILE
+    from llama31.generation import Llama
+    from llama31.text import Tokenizer
+
+    greedy = json.loads(RECORD_FILE.read_text())["greedy"]
+    llama = Llama(model, Tokenizer(), max_batch_size=1)
+    return llama.text_completion([greedy["prompt"]], max_gen_len=greedy["max_gen_len"], temperature=0)[0].tokens
 
 
 def _same_length_batches(windows):
@@ -123,36 +149,74 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="out/kjv", help="the corpus folder (examples/kjv_corpus.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--int4-only", action="store_true", help="only the float32 model and the two INT4 g128 "
+                        "rows (output layer bfloat16 / INT4) and their comparison: no baselines, other group sizes, "
+                        "folder or samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from llama31.demo import build_demo_model, demo_checkpoint
+    from llama31.demo import RECORD_FILE, build_demo_model, demo_checkpoint
     from llama31.generation import Llama
     from llama31.quant import quantize_model
+    from llama31.text import Tokenizer
 
     train = np.load(Path(args.data) / "train.npy").astype(np.int64)
     heldout_np = np.load(Path(args.data) / "heldout.npy").astype(np.int64)
     heldout = torch.from_numpy(heldout_np)
     rows = {}
     started = time.perf_counter()
-    baselines = fit_baselines(train, heldout_np)
-    rows[f"unigram (add-{baselines['alpha']:g}, training split)"] = baselines["unigram"]
-    rows[f"bigram + unigram, lambda = {baselines['lambda']:.2f} (training split)"] = baselines["bigram"]
+    baselines = {}
+    if not args.int4_only:
+        baselines = fit_baselines(train, heldout_np)
+        rows[f"unigram (add-{baselines['alpha']:g}, training split)"] = baselines["unigram"]
+        rows[f"bigram + unigram, lambda = {baselines['lambda']:.2f} (training split)"] = baselines["bigram"]
 
     model = build_demo_model(dtype=torch.float32)
     rows["demo model, float32 (= its bfloat16 weights)"] = heldout_loss(model, heldout)
-    for g in GROUP_SIZES:
-        rows[f"demo model, INT4 g{g} (quantize_model)"] = heldout_loss(quantize_model(model, group_size=g), heldout)
-    with tempfile.TemporaryDirectory() as work:
-        loss, command = int4_folder_loss(demo_checkpoint(), heldout, Path(work))
-    rows["demo model, INT4 folder of examples/quantize.py (g128)"] = loss
+    int4_g128 = {}
+    for g in (128,) if args.int4_only else GROUP_SIZES:
+        quantized = quantize_model(model, group_size=g)
+        rows[f"demo model, INT4 g{g} (quantize_model)"] = heldout_loss(quantized, heldout)
+        if g == 128:
+            int4_g128["output layer bfloat16"] = quantized
+    int4_g128["output layer INT4"] = quantize_model(model, group_size=128, quantize_output=True)
+    rows["demo model, INT4 g128, output layer INT4 too (quantize_output=True)"] = heldout_loss(
+        int4_g128["output layer INT4"], heldout)
+    command = None
+    if not args.int4_only:
+        with tempfile.TemporaryDirectory() as work:
+            loss, command = int4_folder_loss(demo_checkpoint(), heldout, Path(work))
+        rows["demo model, INT4 folder of examples/quantize.py (g128)"] = loss
 
     print(f"{len(heldout_np) - 1:,} held-out tokens (every 20th chapter), the same for every row\n")
     print("| model | cross-entropy (nats/token) | perplexity |")
     print("|---|---:|---:|")
     for name, value in rows.items():
         print(f"| {name} | {value:.3f} | {math.exp(value):.1f} |")
-    print(f"\nINT4 folder written by: {command}")
+    if command:
+        print(f"\nINT4 folder written by: {command}")
+
+    trained_rows = model.output.weight.abs().sum(1) != 0  # the ids the corpus uses; the others' logits are 0
+    float_ids = greedy_continuation(model)
+    recorded = json.loads(RECORD_FILE.read_text())["greedy"]["ids"]
+    comparison = {}
+    print(f"\nINT4 g128 against the float32 model: |logit difference| over the first 512 held-out positions x "
+          f"{int(trained_rows.sum()):,} trained vocabulary rows; greedy continuation of the recorded prompt (the "
+          f"float model's is {'the recorded one' if float_ids == recorded else 'NOT the recorded one'})")
+    for name, quantized in int4_g128.items():
+        largest, mean = logit_differences(model, quantized, heldout, trained_rows)
+        ids = greedy_continuation(quantized)
+        same = next((i for i, (a, b) in enumerate(zip(ids, float_ids)) if a != b), min(len(ids), len(float_ids)))
+        comparison[name] = {"max_abs_logit_difference": largest, "mean_abs_logit_difference": mean,
+                            "greedy_tokens_equal_before_the_first_difference": same, "greedy_tokens": len(float_ids)}
+        print(f"  {name}: max {largest:.3f}, mean {mean:.4f}; greedy continuation: {same}/{len(float_ids)} tokens "
+              f"equal to the float model's before the first difference:\n    {Tokenizer().decode(ids)!r}")
+    if args.int4_only:
+        print(f"\n({time.perf_counter() - started:.0f} s)")
+        if args.json:
+            args.json.write_text(json.dumps({"heldout_tokens": len(heldout_np) - 1, "rows": rows,
+                                             "int4_g128_vs_float": comparison}, indent=2) + "\n")
+        return 0
 
     llama = Llama.build()
     samples = []
@@ -163,7 +227,8 @@ def main(argv=None) -> int:
     print(f"\n({time.perf_counter() - started:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps({"heldout_tokens": len(heldout_np) - 1, "rows": rows,
-                                         "baselines": baselines, "samples": samples}, indent=2) + "\n")
+                                         "int4_g128_vs_float": comparison, "baselines": baselines,
+                                         "samples": samples}, indent=2) + "\n")
     return 0
 
 

@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--int4", action="store_true", help="quantize the block linears to INT4 (W4A16, "
                         "round-to-nearest) on load; an INT4 folder (GPTQ or compressed-tensors) loads as INT4 "
                         "by itself")
+    parser.add_argument("--int4-output", action="store_true", help="with --int4, quantize the output layer too "
+                        "(decoding reads it whole every token); a tied model (Llama 3.2 1B / 3B) gets an INT4 copy "
+                        "of its embedding matrix, and the embedding lookup stays exact")
+    parser.add_argument("--w4a8", action="store_true", help="with --int4 (or an INT4 folder), multiply the INT4 "
+                        "layers with activations rounded to int8 per block of 32: faster decoding on a CPU with "
+                        "AVX512-VNNI, a further rounding (llama31/quant/cpu_w4a8.py)")
     parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
                         help="INT4 group size with --int4 (default 128)")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt + reply to support (default: the "
@@ -74,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compile and args.int4:
         parser.error("--compile covers float32 and bfloat16 models, not --int4")
+    if args.int4_output and not args.int4:
+        parser.error("--int4-output quantizes the output layer along with --int4's block linears: add --int4")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan and inf too
@@ -195,7 +203,8 @@ def run(args) -> int:
     try:
         llama = Llama.build(args.ckpt_dir, tokenizer_path=args.tokenizer, max_seq_len=args.max_seq_len,
                             dtype=dtype, device=device, max_batch_size=1, progress=show_progress,
-                            int4_group_size=args.group_size if args.int4 else None,
+                            int4_group_size=args.group_size if args.int4 else None, int4_output=args.int4_output,
+                            w4a8=args.w4a8,
                             pack=False if args.no_pack else None, compile=args.compile)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         if args.debug:

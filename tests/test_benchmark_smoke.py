@@ -23,7 +23,7 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [sys.executable, str(BENCH / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
-         "--dtypes", "fp32,int4", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
+         "--dtypes", "fp32,int4,int4o", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
          "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--read-mib", "64",
          "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out), "--plot", str(tmp_path / "plot.png")],
         capture_output=True, text=True, env=env, timeout=300)
@@ -54,6 +54,10 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     assert "decode b1" in result.stdout and "paired ratios" in result.stdout
     # INT4 runs when llama31.quant exists, and is reported as skipped when it does not
     assert ("llama31 int4" in report["configs"]) != ("INT4 skipped" in result.stderr)
+    # int4o: the output layer INT4 too, so a step reads fewer bytes of weights; paired with int4
+    read = {name: config["weight_bytes_read_per_step"] for name, config in report["configs"].items()}
+    assert read["llama31 int4o"] < read["llama31 int4"]
+    assert "llama31 int4o / llama31 int4" in report["ratios"]
     # the plot is optional: drawn with matplotlib, a clear message without it
     assert (tmp_path / "plot.png").exists() or "plot skipped: matplotlib is not installed" in result.stdout
 

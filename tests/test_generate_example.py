@@ -75,26 +75,29 @@ def test_prompt_with_a_checkpoint_prints_hfs_greedy_continuation(real_vocab_fold
     assert ("compiled decode steps" in result.stderr) == ("--compile" in extra)
 
 
-def test_int4_flag_quantizes_on_load_and_generates_what_the_library_does(real_vocab_folder):
-    # --int4 must reach Llama.build(int4_group_size=...): the CLI's greedy text equals the library's on the
-    # same INT4 model (whose accuracy tests/test_int4_model.py checks). The prompt is over 96 tokens, so its
-    # prefill takes the CPU path's dequantize-then-matmul route and the decode steps torch's int4 op.
+@pytest.mark.parametrize("int4_output", [False, True], ids=["block-linears", "and-output-layer"])
+def test_int4_flag_quantizes_on_load_and_generates_what_the_library_does(real_vocab_folder, int4_output):
+    # --int4 (and --int4-output) must reach Llama.build(int4_group_size=..., int4_output=...): the CLI's greedy
+    # text equals the library's on the same INT4 model (whose accuracy tests/test_int4_model.py checks). The prompt
+    # is over 96 tokens, so its prefill takes the CPU path's dequantize-then-matmul route and the decode steps
+    # torch's int4 op.
     from llama31 import Llama
     from llama31.quant import Int4Linear
 
     folder, _ = real_vocab_folder
     prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 11)
-    llama = Llama.build(folder, dtype=torch.float32, max_batch_size=1, int4_group_size=32)
-    assert sum(isinstance(m, Int4Linear) for m in llama.model.modules()) == 7 * llama.model.args.n_layers
+    llama = Llama.build(folder, dtype=torch.float32, max_batch_size=1, int4_group_size=32, int4_output=int4_output)
+    n_int4 = 7 * llama.model.args.n_layers + int4_output
+    assert sum(isinstance(m, Int4Linear) for m in llama.model.modules()) == n_int4
     tokens = llama.tokenizer.encode(prompt, bos=True, eos=False)
     assert len(tokens) > 96
     generated, _ = llama.generate([tokens], 8, temperature=0.0, stop_tokens=[llama.tokenizer.eos_id])
     expected = prompt + llama.tokenizer.decode(generated[0])
 
     result = run("--ckpt-dir", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8",
-                 "--int4", "--group-size", "32")
+                 "--int4", "--group-size", "32", *(["--int4-output"] if int4_output else []))
     assert result.returncode == 0, result.stderr
-    assert f"{7 * llama.model.args.n_layers} INT4 linears" in result.stderr
+    assert f"{n_int4} INT4 linears" in result.stderr
     assert result.stdout.rstrip("\n") == expected
 
 
@@ -136,6 +139,7 @@ def test_prefill_chunk_gives_the_same_continuation(real_vocab_folder):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
     (["--compile", "--int4"], "--compile covers float32 and bfloat16 models, not --int4"),
+    (["--int4-output"], "--int4-output quantizes the output layer along with --int4's block linears: add --int4"),
     (["--prompt", "x", "--chat"], "not allowed with argument"),
     (["--ckpt-dir", "/nonexistent/llama"], "checkpoint folder /nonexistent/llama does not exist"),
     (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
@@ -151,5 +155,5 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--ckpt-dir", "--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-p",
                    "--seed", "--dtype", "--device", "--tokenizer", "--max-seq-len", "--prefill-chunk", "--no-pack",
-                   "--compile"):
+                   "--compile", "--int4", "--int4-output"):
         assert option in result.stdout

@@ -35,6 +35,21 @@ def test_quantize_example_writes_a_folder_and_prints_every_part(tmp_path, capsys
     assert "not empty" in capsys.readouterr().err
 
 
+def test_quantize_example_quantize_output_writes_a_tied_model_untied(tmp_path, capsys):
+    from conftest import hf_model
+
+    hf_model(hidden_size=64, intermediate_size=192, tie_word_embeddings=True).save_pretrained(tmp_path / "src")
+    quantize = _example("quantize")
+    assert quantize.main(["--ckpt-dir", str(tmp_path / "src"), "--out", str(tmp_path / "dst"), "--group-size", "32",
+                          "--quantize-output"]) == 0
+    printed = capsys.readouterr().out
+    # the output layer had no bytes of its own before (it was the embedding): its row has no ratio
+    output_row = next(line for line in printed.splitlines() if line.startswith("output layer"))
+    assert output_row.split()[-1] == "-" and "output layer quantized" in printed
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
+
+
 def test_cpu_benchmark_smoke_mode(tmp_path, capsys):
     bench = _example("bench/bench_int4")
     assert bench.main(["--quick", "--json", str(tmp_path / "bench.json")]) == 0

@@ -13,11 +13,14 @@ What it does
     llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
     llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
     HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31
-    only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations.
+    only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations; --dtypes int4o
+    is the same with the output layer INT4 too (Llama.build(int4_output=True): a tied model's output layer gets
+    an INT4 copy of the embedding matrix, which stays bf16 for the lookup), and int4o-w4a8 that with activations
+    rounded to int8 (Llama.build(w4a8=True): our AVX512-VNNI kernel, llama31/quant/cpu_w4a8.py).
     llama.cpp (--engines llama.cpp, through llama-cpp-python's bindings of its C API) runs the same weights
-    exported to GGUF once (llama31/checkpoints/gguf.py) as F32 (fp32), BF16 (bf16) and, for int4, Q4_0 made by
-    llama.cpp's own quantizer (llama_model_quantize: blocks of 32 weights with one fp16 scale; "llama.cpp q4_0"
-    takes part in every dtype's round, as llama31's INT4 does). Its KV cache is F32 for fp32 and F16 (llama.cpp's
+    exported to GGUF once (llama31/checkpoints/gguf.py) as F32 (fp32), BF16 (bf16) and, for the int4 ones, Q4_0
+    made by llama.cpp's own quantizer (llama_model_quantize: blocks of 32 weights with one fp16 scale; "llama.cpp
+    q4_0" takes part in every dtype's round, as llama31's INT4 does). Its KV cache is F32 for fp32 and F16 (llama.cpp's
     default) otherwise; flash attention as llama.cpp chooses by default. Each op makes its own context (outside
     the clock, as llama31 sizes its cache per call) and runs llama_decode, argmax in numpy: TTFT and generate
     time the same calls end to end, with no sampler chain.
@@ -79,6 +82,8 @@ import torch._inductor.config  # noqa: F401  (its patch, for ReadProbe)
 from llama31.config import ModelArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# llama31's INT4 workers: (is the output layer INT4 too?, W4A8: activations rounded to int8, Llama.build(w4a8=True))
+INT4_DTYPES = {"int4": (False, False), "int4o": (True, False), "int4o-w4a8": (True, True)}
 # llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
 # llama31-plain: pack=False, F.linear on plain weights (what the packing gains); llama31-compile: batch-1 decode
 # steps compiled (llama31/cpu/compiled.py; a second copy of the weights: run it with few other engines);
@@ -233,7 +238,7 @@ def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
 def weight_bytes_read(model) -> int:
     """Bytes of weights a llama31 Transformer reads per decode step: every parameter and buffer of every module
     but the embedding, once (the embedding is only indexed; the output layer reads its whole vocab x dim matrix,
-    which is the embedding's own when tied and unpacked, its packed copy when packed)."""
+    which is the embedding's own when tied and unpacked, its packed copy when packed, its INT4 copy for int4o)."""
     seen, total = set(), 0
     for name, module in model.named_modules():
         if name == "tok_embeddings":
@@ -255,12 +260,14 @@ class Llama31Engine:
         self.baseline = take_baseline_rss()
         # as users load it: from_pretrained packs the large linear weights on a CPU (pack=None), or not (False)
         pack_option = None if pack and not compile else False
-        if dtype == "int4":  # as Llama.build(int4_group_size=...) does: quantize the float model, then pack
+        if dtype in INT4_DTYPES:  # as Llama.build(int4_group_size=..., int4_output=...): quantize, then pack
             from llama31.cpu.packed import pack_as_asked
             from llama31.quant import quantize_model
 
             model = Transformer.from_pretrained(folder, dtype=torch.bfloat16, pack=False)
-            model = quantize_model(model, int4_group_size(model.args))
+            quantize_output, w4a8 = INT4_DTYPES[dtype]
+            model = quantize_model(model, int4_group_size(model.args), quantize_output=quantize_output,
+                                   backend="cpu_w4a8" if w4a8 else None)
             pack_as_asked(model, pack_option)
             gc.collect()
         else:
@@ -619,9 +626,11 @@ def run_benchmark(opts) -> dict:
     torch.set_num_threads(opts.threads)
 
     configs = [(e, d) for d in opts.dtypes if d in DTYPES for e in opts.engines]
-    # the 4-bit workers, loaded once, take part in every dtype's round: llama31's INT4, llama.cpp's Q4_0
-    int4 = [(e, d) for e, d in (("llama31", "int4"), ("llama.cpp", "q4_0"))
-            if "int4" in opts.dtypes and e in opts.engines]
+    # the 4-bit workers, loaded once, take part in every dtype's round: llama31's INT4 (INT4_DTYPES), llama.cpp's
+    # Q4_0 (with either)
+    int4 = [("llama31", d) for d in opts.dtypes if d in INT4_DTYPES and "llama31" in opts.engines]
+    if "llama.cpp" in opts.engines and any(d in INT4_DTYPES for d in opts.dtypes):
+        int4.append(("llama.cpp", "q4_0"))
     if int4 and not any(d in DTYPES for d in opts.dtypes):
         configs_rounds = [[]]
     else:
@@ -739,9 +748,10 @@ def summarise(opts, args: ModelArgs, results: dict, ops) -> dict:
     pairs = [(f"{e} {d}", f"hf {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-plain", "llama31-compile")]
     pairs += [(f"llama31 {d}", f"llama31-plain {d}") for d in ("fp32", "bf16")]
     pairs += [(f"llama31-compile {d}", f"llama31 {d}") for d in ("fp32", "bf16")]
-    pairs += [("llama31 int4", f"hf {d}") for d in ("fp32", "bf16")]
+    pairs += [(f"llama31 {q}", f"hf {d}") for q in INT4_DTYPES for d in ("fp32", "bf16")]
+    pairs += [("llama31 int4o", "llama31 int4"), ("llama31 int4o-w4a8", "llama31 int4o")]
     pairs += [(f"llama.cpp {d}", f"{e} {d}") for d in ("fp32", "bf16") for e in ("llama31", "hf")]
-    pairs += [("llama.cpp q4_0", "llama31 int4")]
+    pairs += [("llama.cpp q4_0", f"llama31 {q}") for q in INT4_DTYPES]
     for a, b in pairs:
         ratios = {key: paired(a, b, key) for key, *_ in ops}
         if any(v is not None for v in ratios.values()):
@@ -898,8 +908,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="llama3.2-1b", choices=sorted(PRESETS),
                         help="model shape (default llama3.2-1b: 1.24 B parameters; tiny: seconds)")
     parser.add_argument("--dtypes", type=names, default=["fp32", "bf16", "int4"],
-                        help="comma-separated, of fp32, bf16, int4 (int4: llama31's INT4 and llama.cpp's Q4_0; "
-                             "default all three)")
+                        help="comma-separated, of fp32, bf16, int4, int4o, int4o-w4a8 (int4: llama31's INT4 and "
+                             "llama.cpp's Q4_0; int4o: llama31's INT4 with the output layer INT4 too, and Q4_0; "
+                             "int4o-w4a8: int4o with int8 activations (W4A8), and Q4_0; default fp32, "
+                             "bf16, int4)")
     parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
                         help="comma-separated, from: llama31 (as from_pretrained loads it: packed weights on a CPU), "
                              "llama31-plain (pack=False: F.linear), llama31-compile (batch-1 decode steps through "
@@ -923,8 +935,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", help="PNG path (default: the JSON path with .png; '' for none); needs matplotlib")
     opts = parser.parse_args(argv)
     for d in opts.dtypes:
-        if d not in (*DTYPES, "int4"):
-            parser.error(f"--dtypes: unknown dtype {d!r}; choose from fp32, bf16, int4")
+        if d not in (*DTYPES, *INT4_DTYPES):
+            parser.error(f"--dtypes: unknown dtype {d!r}; choose from fp32, bf16, {', '.join(INT4_DTYPES)}")
     for e in opts.engines:
         if e not in ENGINES:
             parser.error(f"--engines: unknown engine {e!r}; choose from {', '.join(ENGINES)}")

@@ -133,7 +133,9 @@ def pack_weights(model: nn.Module, *, min_weights: int = PACK_MIN_WEIGHTS, requi
     a packed model cannot change device or dtype.
 
     With tied embeddings (3.2 1B / 3B) the output layer gets its own packed copy of the embedding matrix (the
-    lookup needs the plain one): vocab_size x dim more weights in memory.
+    lookup needs the plain one): vocab_size x dim more weights in memory. An INT4 output layer
+    (llama31.quant.quantize_model(quantize_output=True), which unties a tied model) is left as it is, and the
+    embedding stays the one float copy of the matrix.
     """
     swaps = [(name, module) for name, module in model.named_modules()
              if type(module) is nn.Linear and module.bias is None and module.weight.numel() >= min_weights

@@ -60,6 +60,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype=dtype, device=device)
         self.output = layers.output(args.dim, args.vocab_size, dtype=dtype, device=device)
         if args.tie_word_embeddings:  # 3.2 1B/3B: the output projection is the embedding matrix
+            if not isinstance(getattr(self.output, "weight", None), nn.Parameter):  # e.g. an INT4 output layer
+                raise ValueError(f"tie_word_embeddings is true, but the output layer ({type(self.output).__name__}) "
+                                 "has no float weight to share with the embedding; build the model with "
+                                 "tie_word_embeddings=False (llama31.quant.quantize_model unties a tied model)")
             self.output.weight = self.tok_embeddings.weight
         self.rope = RotaryEmbedding(args)
 

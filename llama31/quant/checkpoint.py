@@ -13,6 +13,11 @@ The written folder: the seven linear layers of every block as ``<hf module>.weig
 .weight_shape`` (formats.to_compressed_tensors), everything else (embeddings, norms, lm_head) in ``dtype``,
 and config.json with the ``quantization_config`` of formats.compressed_tensors_config. Rows of q_proj /
 k_proj are put in HF's order BEFORE quantizing: quantization works row by row, so this commutes exactly.
+
+With quantize_output, lm_head is written quantized too and left out of the config's "ignore" list. A tied
+source (3.2 1B / 3B) is written untied, as quantize_model builds it: embed_tokens in ``dtype``, lm_head the
+INT4 copy of that same matrix, and tie_word_embeddings false (a reader that tied them would quantize the
+embedding or lose the copy).
 """
 
 from __future__ import annotations
@@ -59,10 +64,15 @@ def layers_for_checkpoint(ckpt) -> Int4Layers:
         raise ValueError(f"{ckpt.path}/params.json: quantization_args {ckpt.quantization!r} (Meta's own quantized "
                          "formats) are not supported; load the float weights, or an HF w4a16 folder "
                          "(GPTQ or compressed-tensors)")
-    settings = parse_quantization_config(ckpt.quantization, source=str(Path(ckpt.path) / "config.json"))
-    _check_group_size(ckpt.args, settings.group_size, f"{Path(ckpt.path) / 'config.json'}: quantization_config")
+    config = Path(ckpt.path) / "config.json"
+    settings = parse_quantization_config(ckpt.quantization, source=str(config))
+    _check_group_size(ckpt.args, settings.group_size, f"{config}: quantization_config")
     # The output layer is quantized only in files that say so by carrying packed lm_head tensors.
     quantize_output = any(name.startswith("output.") and not name.endswith(".weight") for name in ckpt.keys())
+    if quantize_output and ckpt.args.tie_word_embeddings:
+        raise InputError(config, "tie_word_embeddings", "is true, but lm_head is stored quantized: an INT4 output "
+                         "layer is a copy of its own, not the float embedding; set it to false (as "
+                         "quantize_checkpoint(quantize_output=True) writes it)")
     return Int4Layers(settings.group_size, zero_point=not settings.symmetric, act_order=settings.act_order,
                       quantize_output=quantize_output)
 
@@ -132,11 +142,13 @@ class PartSize:
     after: int = 0
 
 
-def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = True,
+def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = True, quantize_output: bool = False,
                         dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> list[PartSize]:
     """Write the float checkpoint folder ``src`` as an INT4 compressed-tensors HF folder ``dst``.
 
-    Returns the size of every part before (all weights in ``dtype``) and after (as written). The source is
+    quantize_output: lm_head too (a tied source is written untied: see above).
+    Returns the size of every part before (all weights in ``dtype``) and after (as written; a tied source's
+    quantized output layer has no bytes before: it was the embedding). The source is
     checked as loading checks it (names, shapes, floating dtypes); dst must not exist or be empty, and appears
     only once complete (it is written under a temporary name beside it).
     """
@@ -144,6 +156,7 @@ def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = Tr
         raise InputError("quantize_checkpoint", "group_size", f"must be a multiple of 8 (a packed word must not "
                          f"straddle two groups), got {group_size}; use 32, 64 or 128")
     check_bool(symmetric, "symmetric", "quantize_checkpoint")
+    check_bool(quantize_output, "quantize_output", "quantize_checkpoint")
     if check_dtype(dtype, "quantize_checkpoint") is None:
         raise InputError("quantize_checkpoint", "dtype", "must be a floating-point torch.dtype, got None")
     check_int(max_shard_bytes, "max_shard_bytes", "quantize_checkpoint", minimum=1)
@@ -152,14 +165,14 @@ def quantize_checkpoint(src, dst, group_size: int = 128, *, symmetric: bool = Tr
         method = ckpt.quantization.get("quant_method") if isinstance(ckpt.quantization, dict) else None
         raise ValueError(f"{src}: is already quantized ({method or ckpt.quantization!r}); quantize the float weights")
     with atomic_folder(dst) as tmp:
-        sizes = _quantize_into(ckpt, tmp, group_size, symmetric, dtype, max_shard_bytes)
+        sizes = _quantize_into(ckpt, tmp, group_size, symmetric, quantize_output, dtype, max_shard_bytes)
         tokenizer = Path(src) / "tokenizer.model"
         if tokenizer.is_file():
             shutil.copy(tokenizer, tmp / "tokenizer.model")
     return sizes
 
 
-def _quantize_into(ckpt, dst: Path, group_size: int, symmetric: bool, dtype: torch.dtype,
+def _quantize_into(ckpt, dst: Path, group_size: int, symmetric: bool, quantize_output: bool, dtype: torch.dtype,
                    max_shard_bytes: int) -> list[PartSize]:
     from llama31.model.transformer import Transformer  # only to know every parameter's name and shape
 
@@ -172,6 +185,11 @@ def _quantize_into(ckpt, dst: Path, group_size: int, symmetric: bool, dtype: tor
     check_names(ckpt, expected, set(ckpt.keys()), args.tie_word_embeddings)
     sizes = {part: PartSize(part) for part in PARTS.values()}
     writer = _ShardWriter(dst, max_shard_bytes)
+
+    def write_int4(hf_module: str, tensor: torch.Tensor, size: PartSize) -> None:
+        quantized = quantize_weight(tensor, group_size, symmetric=symmetric, scale_dtype=dtype)
+        for key, value in to_compressed_tensors(quantized, name=hf_module).items():
+            size.after += writer.add(f"{hf_module}.{key}", value)
 
     for name in ckpt.keys():
         if args.tie_word_embeddings and name.startswith("output."):
@@ -186,19 +204,20 @@ def _quantize_into(ckpt, dst: Path, group_size: int, symmetric: bool, dtype: tor
         hf_name = meta_to_hf(name)
         size = sizes[PARTS[_part_of(name)]]
         size.before += tensor.numel() * dtype.itemsize
-        if BLOCK_LINEAR.match(name):
-            quantized = quantize_weight(tensor, group_size, symmetric=symmetric, scale_dtype=dtype)
-            hf_module = hf_name[: -len(".weight")]
-            for key, value in to_compressed_tensors(quantized, name=hf_module).items():
-                size.after += writer.add(f"{hf_module}.{key}", value)
+        if BLOCK_LINEAR.match(name) or (quantize_output and name == "output.weight"):
+            write_int4(hf_name[: -len(".weight")], tensor, size)
         else:
             size.after += writer.add(hf_name, tensor.to(dtype))
+        if quantize_output and args.tie_word_embeddings and name == "tok_embeddings.weight":
+            write_int4("lm_head", tensor, sizes[PARTS["output"]])  # the output layer's copy; the embedding stays
     writer.close()
 
-    config = args.to_hf_config(str(dtype).split(".")[-1])
-    config["quantization_config"] = compressed_tensors_config(group_size, symmetric=symmetric)
+    written = args.replace(tie_word_embeddings=False) if quantize_output else args
+    config = written.to_hf_config(str(dtype).split(".")[-1])
+    config["quantization_config"] = compressed_tensors_config(group_size, symmetric=symmetric,
+                                                              ignore=() if quantize_output else ("lm_head",))
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return [s for s in sizes.values() if s.before]
+    return [s for s in sizes.values() if s.before or s.after]
 
 
 def _part_of(meta_name: str) -> str:

@@ -1,4 +1,4 @@
-"""Int4Linear: a bias-free linear layer whose weight is stored in 4 bits (W4A16), with three forward paths.
+"""Int4Linear: a bias-free linear layer whose weight is stored in 4 bits (W4A16), with four forward paths.
 
     y = x @ W.T,   W[n, k] = (q[n, k] - zp[n, k // g]) * scale[n, k // g]      (see packing.py)
 
@@ -9,10 +9,13 @@ The paths compute the same function and differ only in speed and rounding:
     cpu_fused   torch's fused CPU int4 op, bf16 activations (cpu_fused.py); weights repacked once.
     cuda        our fused W4A16 extension (cuda.py, csrc/): a GEMV kernel for 1..16 rows, dequantize +
                 cuBLAS above that; fp16 / bf16 activations.
+    cpu_w4a8    W4A8, an option: activations rounded to int8 per block of 32 (as llama.cpp's Q4_0 does), then
+                our AVX512-VNNI kernel (cpu_w4a8.py, csrc/); faster decoding, a further rounding of x.
 
-``Int4Linear.backend`` picks one for every layer ("auto", the default, takes the fastest available on the
-input's device); a layer built with ``backend=...`` keeps its own choice. Act-order layers (GPTQ desc_act)
-hold their columns sorted by group and an ``input_perm``: y = x[..., input_perm] @ W_sorted.T.
+``Int4Linear.backend`` picks one for every layer ("auto", the default, takes the fastest W4A16 path available
+on the input's device; W4A8 is never automatic); a layer built with ``backend=...`` keeps its own choice.
+Act-order layers (GPTQ desc_act) hold their columns sorted by group and an ``input_perm``:
+y = x[..., input_perm] @ W_sorted.T.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama31.quant import cpu_fused
-from llama31.quant.packing import dequantize
+from llama31.quant import cpu_fused, cpu_w4a8
+from llama31.quant.packing import dequantize, unpack_int4
 from llama31.quant.rtn import check_group_size, quantize_weight
 
-BACKENDS = ("auto", "reference", "cpu_fused", "cuda")
+BACKENDS = ("auto", "reference", "cpu_fused", "cuda", "cpu_w4a8")
 
 
 def int4_linear_reference(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
@@ -70,6 +73,7 @@ class Int4Linear(nn.Module):
             _check_backend(backend)
             self.backend = backend
         self._cpu_weight = None  # (version key, cpu_fused.CpuInt4Weight), built on first cpu_fused use
+        self._w4a8_scales = None  # (version key, (scale, zero_scale)), built on first cpu_w4a8 use
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 128, *, zero_point: bool = False,
@@ -97,6 +101,8 @@ class Int4Linear(nn.Module):
         backend = self.resolve_backend(x.device)
         if backend == "cpu_fused":
             return cpu_fused.matmul(x, self._cpu_int4_weight())
+        if backend == "cpu_w4a8":
+            return cpu_w4a8.matmul(x, self.weight_packed, *self._w4a8_tensors(), self.group_size)
         if backend == "cuda":
             from llama31.quant import cuda
             return cuda.int4_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
@@ -122,6 +128,13 @@ class Int4Linear(nn.Module):
                                    f"{cpu_fused.SUPPORTED_GROUP_SIZES}); use backend 'reference'")
         if backend == "cuda" and device.type != "cuda":
             raise ValueError(f"Int4Linear.backend is 'cuda' but the input is on {device}; use 'auto'")
+        if backend == "cpu_w4a8":
+            if device.type != "cpu":
+                raise ValueError(f"Int4Linear.backend is 'cpu_w4a8' but the input is on {device}; use 'auto'")
+            why = cpu_w4a8.unsupported(self.in_features, self.group_size)
+            if why:
+                raise RuntimeError(f"Int4Linear({self.in_features} -> {self.out_features}): backend 'cpu_w4a8' "
+                                   f"cannot run: {why}; use 'auto'")
         return backend
 
     def _cpu_int4_weight(self) -> cpu_fused.CpuInt4Weight:
@@ -132,6 +145,21 @@ class Int4Linear(nn.Module):
             self._cpu_weight = (key, cpu_fused.repack(self.weight_packed, self.weight_scale, self.weight_zero_point,
                                                       self.group_size))
         return self._cpu_weight[1]
+
+    def _w4a8_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scale as the kernel reads it (bf16 or fp32; fp16 widened to fp32, exactly) and, for asymmetric
+        layers, zp * scale in fp32 [N, K/g]; rebuilt when the canonical tensors change."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_scale, self.weight_zero_point) if t is not None)
+        if self._w4a8_scales is None or self._w4a8_scales[0] != key:
+            scale = self.weight_scale
+            if scale.dtype not in (torch.bfloat16, torch.float32):
+                scale = scale.float()
+            zero_scale = None
+            if self.weight_zero_point is not None:
+                zp = unpack_int4(self.weight_zero_point, self.out_features, dim=0).float()  # (N, K/g)
+                zero_scale = (zp * self.weight_scale.float()).contiguous()
+            self._w4a8_scales = (key, (scale.contiguous(), zero_scale))
+        return self._w4a8_scales[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

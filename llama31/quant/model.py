@@ -5,6 +5,12 @@ factory for its projections by role (llama31/model/layers.py), and gets ``Int4Li
 linear layers of every block (wq, wk, wv, wo, w1, w2, w3). The token embedding and the output projection
 stay 16-bit by default: they are 2 x 0.5 G of the 8B model's weights, the output layer is the most
 sensitive one, and published w4a16 checkpoints keep them ("ignore": ["lm_head"]).
+
+quantize_output=True makes the output projection INT4 too: decoding reads it whole at every token, while the
+embedding is only indexed. With tied embeddings (3.2 1B / 3B) the one shared matrix cannot be both, so
+quantize_model unties it: the lookup keeps the exact 16-bit matrix, the output layer gets an INT4 copy of it,
+and the new model's args say tie_word_embeddings=False (they are two tensors now, and a folder saved from the
+model stores both: llama31.quant.checkpoint.quantize_checkpoint(quantize_output=True)).
 """
 
 from __future__ import annotations
@@ -50,17 +56,19 @@ def quantize_model(model: nn.Module, group_size: int = 128, *, zero_point: bool 
     """A new INT4 Transformer with ``model``'s weights, every Int4Linear quantized round-to-nearest.
 
     model: a float ``llama31.model.transformer.Transformer`` (any dtype / device; left unchanged).
-    Builds ``type(model)(model.args, dtype, device, layers=Int4Layers(...))`` and loads it with strict
+    quantize_output: the output projection too (same group size and symmetry). A tied model is untied: its
+    embedding stays the exact float matrix and the output layer quantizes that same matrix (see above).
+    Builds ``type(model)(args, dtype, device, layers=Int4Layers(...))`` and loads it with strict
     key checking: the quantized tensors for each Int4Linear, every other tensor copied as it is.
     """
     source = model.state_dict()
     first = next(iter(source.values()))
     dtype = next((t.dtype for t in source.values() if t.is_floating_point()), torch.float32)
     layers = Int4Layers(group_size, zero_point=zero_point, quantize_output=quantize_output, backend=backend)
-    if quantize_output and getattr(model.args, "tie_word_embeddings", False):
-        raise ValueError("quantize_model: quantize_output=True with tied embeddings would quantize the token "
-                         "embedding too; keep quantize_output=False for tied models (Llama 3.2 1B / 3B)")
-    quantized = type(model)(model.args, dtype=dtype, device=first.device, layers=layers)
+    args = model.args
+    if quantize_output and args.tie_word_embeddings:
+        args = args.replace(tie_word_embeddings=False)  # source's output.weight (the embedding) is quantized below
+    quantized = type(model)(args, dtype=dtype, device=first.device, layers=layers)
 
     state = {}
     int4_names = {name for name, module in quantized.named_modules() if isinstance(module, Int4Linear)}
