@@ -2,7 +2,7 @@
 
     python examples/kjv_corpus.py                  # out/kjv/ (the same corpus the model was trained on)
     python examples/evaluate_demo.py               # prints the table; --json FILE also writes the numbers
-    python examples/evaluate_demo.py --int4-only   # float32 and the two INT4 g128 rows, and how they compare
+    python examples/evaluate_demo.py --int4-only   # float32 and the INT4 g128 rows, and how they compare
 
 Every row is the mean cross-entropy (nats/token) over the SAME held-out tokens: every token of the held-out
 chapters after the first, predicted by the full 128256-way softmax. The model reads them in consecutive
@@ -14,9 +14,10 @@ windows of 256 tokens (examples/train.py's heldout_windows; a window's first tar
     a and lam are chosen on the training split alone: counts from its first 95%, scored on its last 5%;
   * the shipped model, in float32 (its bfloat16 weights exactly), then INT4 round-to-nearest
     (llama31.quant.quantize_model) at group sizes 32, 64 and 128, at 128 with the output layer INT4 too
-    (quantize_output=True), and the INT4 folder that examples/quantize.py writes (group 128, symmetric;
-    embeddings and the output layer stay bfloat16).
-Then, for the two g128 models, how far their logits are from the float model's (the first 512 held-out
+    (quantize_output=True), both g128 models again with W4A8 (activations rounded to int8 per block of 32,
+    Int4Linear backend "cpu_w4a8"), and the INT4 folder that examples/quantize.py writes (group 128,
+    symmetric; embeddings and the output layer stay bfloat16).
+Then, for the g128 models, how far their logits are from the float model's (the first 512 held-out
 positions, over the trained vocabulary rows: the others are 0 in every model) and how much of their greedy
 continuation of the recorded prompt (llama31/demo/record.json) is the float model's. Then a few sampled
 continuations (temperature 0.8, top-p 0.9, a fixed seed).
@@ -149,8 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="out/kjv", help="the corpus folder (examples/kjv_corpus.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
-    parser.add_argument("--int4-only", action="store_true", help="only the float32 model and the two INT4 g128 "
-                        "rows (output layer bfloat16 / INT4) and their comparison: no baselines, other group sizes, "
+    parser.add_argument("--int4-only", action="store_true", help="only the float32 model and the INT4 g128 "
+                        "rows (output layer bfloat16 / INT4, W4A16 / W4A8) and their comparison: no baselines, other group sizes, "
                         "folder or samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -182,6 +183,11 @@ def main(argv=None) -> int:
     int4_g128["output layer INT4"] = quantize_model(model, group_size=128, quantize_output=True)
     rows["demo model, INT4 g128, output layer INT4 too (quantize_output=True)"] = heldout_loss(
         int4_g128["output layer INT4"], heldout)
+    # W4A8: the same INT4 weights, activations rounded to int8 per block of 32 (llama31/quant/cpu_w4a8.py)
+    for output, quantize_output in (("bfloat16", False), ("INT4", True)):
+        w4a8 = quantize_model(model, group_size=128, quantize_output=quantize_output, backend="cpu_w4a8")
+        rows[f"demo model, INT4 g128, output layer {output}, W4A8 (int8 activations)"] = heldout_loss(w4a8, heldout)
+        int4_g128[f"output layer {output}, W4A8"] = w4a8
     command = None
     if not args.int4_only:
         with tempfile.TemporaryDirectory() as work:

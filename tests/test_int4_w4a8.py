@@ -81,13 +81,17 @@ SAMPLE = json.loads((ROOT / "tests" / "data" / "kjv_heldout_sample.json").read_t
 
 
 @pytest.fixture(scope="module")
-def demo_int4(tmp_path_factory):
+def demo_bf16(tmp_path_factory):
     import llama31.demo as demo
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LLAMA31_CACHE", str(tmp_path_factory.mktemp("llama31_cache")))
-        model = demo.build_demo_model(dtype=torch.bfloat16)
-    return quantize_model(model, 128)
+        return demo.build_demo_model(dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def demo_int4(demo_bf16):
+    return quantize_model(demo_bf16, 128)
 
 
 def _heldout_loss(model, windows=2):
@@ -144,3 +148,20 @@ def test_llama_build_w4a8_switches_every_int4_layer_and_refuses_a_float_model(de
     assert len(layers) == 7 * llama.model.args.n_layers + 1 and all(m.backend == "cpu_w4a8" for m in layers)
     with pytest.raises(InputError, match="w4a8.*int4_group_size"):
         Llama.build(w4a8=True)
+
+
+def test_the_default_int4_path_decodes_the_tokens_of_the_reference_path(demo_bf16, monkeypatch):
+    """INT4 with the output layer INT4 too, on the demo model: the CPU's default path (torch's int4 op, bf16
+    activations) greedy-decodes the tokens of Int4Linear's reference path (dequantize, fp32 matmul)."""
+    from llama31.generation import Llama
+    from llama31.text import Tokenizer
+
+    model = quantize_model(demo_bf16, 128, quantize_output=True)
+    llama = Llama(model, Tokenizer())
+    prompt = "And the LORD spake unto Moses, saying,"
+    fast = llama.text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
+    monkeypatch.setattr(Int4Linear, "backend", "reference")
+    slow = llama.text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
+    assert fast.tokens == slow.tokens
+    # the default path rounds activations to bf16 (2^-9 relative) where the reference keeps fp32
+    assert max(abs(a - b) for a, b in zip(fast.logprobs, slow.logprobs)) < 0.05

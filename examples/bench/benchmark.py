@@ -750,7 +750,7 @@ def summarise(opts, args: ModelArgs, results: dict, ops) -> dict:
     pairs += [(f"llama31-compile {d}", f"llama31 {d}") for d in ("fp32", "bf16")]
     pairs += [(f"llama31 {q}", f"hf {d}") for q in INT4_DTYPES for d in ("fp32", "bf16")]
     pairs += [("llama31 int4o", "llama31 int4"), ("llama31 int4o-w4a8", "llama31 int4o")]
-    pairs += [(f"llama.cpp {d}", f"{e} {d}") for d in ("fp32", "bf16") for e in ("llama31", "hf")]
+    pairs += [(f"llama.cpp {d}", f"{e} {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-compile", "hf")]
     pairs += [("llama.cpp q4_0", f"llama31 {q}") for q in INT4_DTYPES]
     for a, b in pairs:
         ratios = {key: paired(a, b, key) for key, *_ in ops}
