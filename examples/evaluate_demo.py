@@ -151,8 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--int4-only", action="store_true", help="only the float32 model and the INT4 g128 "
-                        "rows (output layer bfloat16 / INT4, W4A16 / W4A8) and their comparison: no baselines, other group sizes, "
-                        "folder or samples")
+                        "rows (output layer bfloat16 / INT4, W4A16 / W4A8) and their comparison: no baselines, "
+                        "other group sizes, folder or samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

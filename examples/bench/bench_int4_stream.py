@@ -2,6 +2,7 @@
 
     python examples/bench/bench_int4_stream.py                 the 1B model's shapes, 2 threads, 512 MiB each
     python examples/bench/bench_int4_stream.py --threads 1 --mib 256 --rows 1,4
+    python examples/bench/bench_int4_stream.py --quick --json out.json     two small shapes, 16 MiB (the tests)
 
 Decoding reads every weight once per token, so a decode kernel is judged by the bytes it streams per second.
 For each weight shape of the Llama 3.2 1B model (and its 128256 x 2048 output matrix), enough INT4 g128 copies
@@ -17,8 +18,10 @@ median of --reps rounds (each runs all three once), in ms and GB/s, and each ker
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +34,7 @@ SHAPES = [  # (name, N, K) of the Llama 3.2 1B model
     ("w2 2048x8192", 2048, 8192),
     ("output 128256x2048", 128256, 2048),
 ]
+QUICK_SHAPES = [("256x512", 256, 512), ("512x256", 512, 256)]
 
 
 def bench_shape(n: int, k: int, mib: int, rows: int, reps: int, group_size: int = 128) -> dict:
@@ -69,19 +73,27 @@ def main(argv=None) -> int:
     parser.add_argument("--mib", type=int, default=512, help="bytes of INT4 weights per shape, in MiB")
     parser.add_argument("--rows", default="1,4", help="comma-separated rows of x (tokens in a decode step)")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="two small shapes and 16 MiB: seconds, for the tests")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.mib = 16
     torch.set_num_threads(args.threads)
     why = cpu_w4a8.unsupported(2048, 128)
     if why:
         parser.error(f"the W4A8 kernel cannot run here: {why}")
     print(f"torch {torch.__version__}, {args.threads} threads, {args.mib} MiB of INT4 g128 weights per shape")
+    results = {}
     for rows in (int(r) for r in args.rows.split(",")):
-        for name, n, k in SHAPES:
+        for name, n, k in QUICK_SHAPES if args.quick else SHAPES:
             r = bench_shape(n, k, args.mib, rows, args.reps)
+            results[f"rows {rows} {name}"] = r
             cells = "  ".join(f"{kernel} {r[kernel]['ms']:7.2f} ms {r[kernel]['GBps']:5.1f} GB/s"
                               + (f" ({r[kernel]['of_read']:.0%})" if kernel != "read" else "")
                               for kernel in ("read", "torch op", "w4a8"))
             print(f"rows {rows}  {name:20s} x{r['copies']:<3d} {cells}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

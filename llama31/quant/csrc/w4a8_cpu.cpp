@@ -160,7 +160,8 @@ LLAMA31_AVX512 void tile_kernel(const Product<Scale, Out>& p, int64_t i0, int64_
       for (int r = 0; r < NR; ++r) {
         const uint8_t* row = p.w + (n0 + r) * ldw + b * (kBlock / 2);
         // the same line of the next tile's row: a tile is a few short rows (1 KB at K = 2048), too short for
-        // the hardware prefetcher to find each one's stream in time, so the kernel asks one tile ahead
+        // the hardware prefetcher to find each one's stream in time, so the kernel asks one tile ahead (past the
+        // last row too: a prefetch never faults)
         _mm_prefetch(reinterpret_cast<const char*>(row + NR * ldw), _MM_HINT_T0);
         const __m512i bytes = _mm512_loadu_si512(row);                             // (64,) two nibbles each
         const __m512i lo = _mm512_and_si512(bytes, nibble);                        // columns c, c+2, ..., c+126
