@@ -1,4 +1,5 @@
-"""Compiled decode steps (llama31/cpu/compiled.py) against HF transformers, and what compiling must not change.
+"""Compiled decode steps (llama31/cpu/compiled.py) on the trained demo model against HF transformers, and what
+compiling must not change.
 
 The compiled step is the model's own function computed by inductor's kernels: float32 additions in another
 order, so the tolerance is that of every HF parity test (1e-4 max abs on logits, tests/test_hf_parity.py).
@@ -6,27 +7,44 @@ Each compile autotunes every weight shape (tens of seconds on 2 cores), so one c
 float32 tests.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import hf_greedy, hf_model
+from conftest import hf_greedy
 
 from llama31 import Llama, Transformer
 from llama31.cpu.compiled import CompiledDecoder
 from llama31.text import Tokenizer
 
 TOL = 1e-4
+SAMPLE_IDS = json.loads((Path(__file__).parent / "data" / "kjv_heldout_sample.json").read_text())["ids"]
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """(Llama with compile=True on a tiny HF model loaded with pack=False, the HF model); dynamo reset around."""
+    """(Llama with compile=True on the trained demo model loaded with pack=False, HF's LlamaForCausalLM on the
+    same folder); dynamo reset around. The demo model (llama31/demo) is the reference users run first, so the
+    compiled path is checked on its trained weights: real attention patterns, peaked next-token distributions."""
+    from transformers import LlamaForCausalLM
+
+    import llama31.demo as demo
+
     torch._dynamo.reset()
-    hf = hf_model(seed=41, num_attention_heads=8, num_key_value_heads=2, hidden_size=128)
-    folder = tmp_path_factory.mktemp("hf")
-    hf.save_pretrained(folder)
-    llama = Llama(Transformer.from_pretrained(folder, pack=False), Tokenizer(), compile=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA31_CACHE", str(tmp_path_factory.mktemp("llama31_cache")))
+        folder = demo.demo_checkpoint()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llama = Llama(Transformer.from_pretrained(folder, dtype=torch.float32, pack=False), Tokenizer(), compile=True)
     yield llama, hf
     torch._dynamo.reset()
+
+
+def _text_ids(n: int, seed: int) -> list[int]:
+    """n token ids of real text (the held-out sample the demo tests use), from a seeded offset."""
+    start = torch.randint(0, len(SAMPLE_IDS) - n, (1,), generator=torch.Generator().manual_seed(seed)).item()
+    return SAMPLE_IDS[start:start + n]
 
 
 def graphs_compiled() -> int:
@@ -35,7 +53,7 @@ def graphs_compiled() -> int:
 
 def test_compiled_steps_give_hf_logits_at_every_position(compiled):
     llama, hf = compiled
-    tokens = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(1))
+    tokens = torch.tensor([_text_ids(60, seed=1)])
     with torch.no_grad():
         expected = hf(tokens).logits[0, 20:]
     decoder = llama.decoder
@@ -57,7 +75,7 @@ def test_compiled_greedy_generation_equals_hf_and_new_requests_reuse_the_graph(c
     llama, hf = compiled
     g = torch.Generator().manual_seed(2)
     for length, new in ((17, 30), (41, 12), (5, 25)):  # each request has a KV cache of another length
-        prompt = torch.randint(0, 320, (length,), generator=g).tolist()
+        prompt = _text_ids(length, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
         # compiled at most once in this module: any further compile (a new cache size) is an error here
         with torch._dynamo.config.patch(error_on_recompile=graphs_compiled() > 0):
             tokens, logprobs = llama.generate([prompt], max_gen_len=new, temperature=0, logprobs=True,
