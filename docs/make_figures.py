@@ -54,12 +54,15 @@ MEASURED = (
     ("HF bf16",                 "bf16",  5.26,  0.22),  # "Side by side with HF transformers"
     ("llama31 bf16 compiled",   "bf16", 16.27,  0.75),  # "Compiled decoding", run B
     ("llama31 INT4 g128",       "int4", 17.8,   0.53),  # "Side by side with HF transformers"
+    # run of 2026-12-02, median of 5: "The fastest path of each precision against llama.cpp", run B
+    ("llama31 INT4, INT4 output",        "int4o", 36.13, 0.51),
+    ("llama31 INT4, INT4 output, W4A8",  "int4o", 45.62, 0.60),
 )
 # ---------------------------------------------------------------------------------------------------------
 
 DPI = 100
 BLUE, ORANGE, GREEN, RED, GREY = "#3b75af", "#ef8636", "#519e3e", "#c53a32", "#d9d9d9"
-LINE_COLORS = {"fp32": BLUE, "bf16": ORANGE, "int4": GREEN}
+LINE_COLORS = {"fp32": BLUE, "bf16": ORANGE, "int4": GREEN, "int4o": RED}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -300,13 +303,16 @@ def _weight_bytes_read():
 def bytes_per_token(args: ModelArgs) -> dict[str, int]:
     """Weight bytes one batch-1 decode step reads, per line of the roofline: the model built on the meta device
     (shapes only, no memory) in fp32, bf16, and INT4 g128 (block linears 0.5 + 2/128 bytes per weight, the
-    embedding and tied output kept bf16, as llama31.quant does). The KV cache read is left out: at the
-    benchmark's 32-64 positions it is under 0.2% of the weights."""
+    embedding and tied output kept bf16, as llama31.quant does; then with the output layer INT4 too). The KV
+    cache read is left out: at the benchmark's 32-64 positions it is under 0.2% of the weights."""
     count = _weight_bytes_read()
     models = {
         "fp32": Transformer(args, dtype=torch.float32, device="meta"),
         "bf16": Transformer(args, dtype=torch.bfloat16, device="meta"),
         "int4": Transformer(args, dtype=torch.bfloat16, device="meta", layers=Int4Layers(128)),
+        # the output layer INT4 too: a tied model is untied (quantize_model), its embedding is only indexed
+        "int4o": Transformer(args.replace(tie_word_embeddings=False), dtype=torch.bfloat16, device="meta",
+                             layers=Int4Layers(128, quantize_output=True)),
     }
     return {name: count(model) for name, model in models.items()}
 
@@ -319,7 +325,8 @@ def decode_roofline(out: Path) -> Path:
 
     fig = _figure(7.6, 4.6)
     ax = fig.subplots()
-    names = {"fp32": "fp32", "bf16": "bf16", "int4": "INT4 g128 (bf16 embedding)"}
+    names = {"fp32": "fp32", "bf16": "bf16", "int4": "INT4 g128 (bf16 embedding)",
+             "int4o": "INT4 g128, output layer INT4 too"}
     for line, b in step_bytes.items():
         ax.plot(bandwidth, bandwidth * 1e9 / b, color=LINE_COLORS[line], lw=1.8,
                 label=f"{names[line]}: {b / 1e9:.2f} GB per token")
@@ -340,7 +347,7 @@ def decode_roofline(out: Path) -> Path:
     ax.plot([], [], "*", ms=11, color="white", mec="black", label="measured: llama31 compiled")
     ax.plot([], [], "s", color="white", mec="black", label="measured: HF transformers")
     ax.set_xlim(0, 70)
-    ax.set_ylim(0, 45)
+    ax.set_ylim(0, 60)
     ax.set_xlabel("memory bandwidth read at the time (GB/s)")
     ax.set_ylabel("decode tokens/s, batch 1")
     ax.set_title(f"Decode roofline, Llama 3.2 1B shape ({n_params / 1e9:.2f} B parameters): "

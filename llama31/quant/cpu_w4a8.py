@@ -10,8 +10,8 @@ walks through the kernel; it reads the canonical layout of packing.py, so a laye
 What it costs: accuracy. Each activation is rounded to one of 255 levels of its block of 32
 (``quantize_activations`` is the definition), where the default path (W4A16) rounds it to bf16 only. It is
 therefore never chosen by "auto": ask for it with ``Int4Linear.backend = "cpu_w4a8"`` (or
-``Llama.build(..., int4_backend="cpu_w4a8")``). docs/demo_model.md measures its held-out loss on the trained demo
-model against W4A16's.
+``Llama.build(..., w4a8=True)``, ``examples/generate.py --w4a8``). docs/demo_model.md measures its held-out
+loss on the trained demo model against W4A16's.
 
 Needs an x86-64 CPU with AVX512-VNNI (Intel since Cascade Lake, AMD since Zen 4) and a C++ compiler: the
 first call compiles the kernel (seconds; torch caches the build under ~/.cache/torch_extensions).
