@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     int4_g128["output layer INT4"] = quantize_model(model, group_size=128, quantize_output=True)
     rows["demo model, INT4 g128, output layer INT4 too (quantize_output=True)"] = heldout_loss(
         int4_g128["output layer INT4"], heldout)
-    # W4A8: the same INT4 weights, activations rounded to int8 per block of 32 (llama31/quant/cpu_w4a8.py)
+    # W4A8: the same INT4 weights, activations rounded to int8 per block of 32 (llama31/quant/cpu_int4.py)
     for output, quantize_output in (("bfloat16", False), ("INT4", True)):
         w4a8 = quantize_model(model, group_size=128, quantize_output=quantize_output, backend="cpu_w4a8")
         rows[f"demo model, INT4 g128, output layer {output}, W4A8 (int8 activations)"] = heldout_loss(w4a8, heldout)

@@ -129,7 +129,7 @@ class Llama:
         int4_output: with int4_group_size, quantize the output layer too (decoding reads it whole every token).
         With tied embeddings (3.2 1B / 3B) it gets an INT4 copy of the shared matrix; the lookup stays exact.
         w4a8: the INT4 layers multiply with activations rounded to int8 per block of 32 (Int4Linear backend
-        "cpu_w4a8", llama31/quant/cpu_w4a8.py; a CPU with AVX512-VNNI): faster decoding, a further rounding.
+        "cpu_w4a8", llama31/quant/cpu_int4.py; a CPU with AVX512-VNNI): a further rounding of x.
         pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
         Transformer.from_pretrained (None: the layers that gain from it; with compile, None means False).
         compile: compiled decode steps (see __init__; llama31/cpu/compiled.py).

@@ -83,11 +83,11 @@ def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
         assert all(k["GBps"] > 0 and k["fraction_of_read"] > 0 for k in shape["kernels"].values())
 
 
-def test_int4_stream_benchmark_times_both_kernels_against_a_read(tmp_path):
-    from llama31.quant import cpu_w4a8
+def test_int4_stream_benchmark_times_the_kernels_against_a_read(tmp_path):
+    from llama31.quant import cpu_int4
 
-    if cpu_w4a8.unsupported(256, 128):
-        pytest.skip(f"the W4A8 kernel cannot run here: {cpu_w4a8.unsupported(256, 128)}")
+    if cpu_int4.unsupported(256, 128):
+        pytest.skip(f"our INT4 CPU kernels cannot run here: {cpu_int4.unsupported(256, 128)}")
     out = tmp_path / "stream.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, str(BENCH / "bench_int4_stream.py"), "--quick", "--reps", "1",
@@ -98,7 +98,7 @@ def test_int4_stream_benchmark_times_both_kernels_against_a_read(tmp_path):
     assert set(report) == {f"rows {r} {s}" for r in (1, 4) for s in ("256x512", "512x256")}
     for shape in report.values():
         assert shape["bytes"] >= 16 * 2**20 * 0.99  # copies that fill the 16 MiB asked for: past the L2
-        assert all(shape[k]["GBps"] > 0 and shape[k]["of_read"] > 0 for k in ("read", "torch op", "w4a8"))
+        assert all(shape[k]["GBps"] > 0 and shape[k]["of_read"] > 0 for k in ("read", "torch op", "w4a16", "w4a8"))
 
 
 def test_compile_benchmark_runs_both_modes_on_the_tiny_preset(tmp_path):

@@ -9,10 +9,11 @@ For each weight shape of the Llama 3.2 1B model (and its 128256 x 2048 output ma
 to fill --mib (far larger than the caches) are multiplied, one after the other, by --rows rows of x, by:
 
     torch op   torch's fused int4 CPU op (Int4Linear backend "cpu_fused", W4A16: bf16 activations)
-    w4a8       our AVX512-VNNI kernel (backend "cpu_w4a8": activations rounded to int8 per 32)
+    w4a16      our W4A16 kernel (backend "cpu_int4", what "auto" takes for decoding: bf16 activations)
+    w4a8       our W4A8 kernel (backend "cpu_w4a8": activations rounded to int8 per 32)
 
 and, in the same loop, a read: torch.amax over one float32 tensor of the same number of bytes. Reported: the
-median of --reps rounds (each runs all three once), in ms and GB/s, and each kernel's fraction of the read.
+median of --reps rounds (each runs all four once), in ms and GB/s, and each kernel's fraction of the read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from llama31.quant import Int4Linear, cpu_fused, cpu_w4a8
+from llama31.quant import Int4Linear, cpu_fused, cpu_int4
 
 SHAPES = [  # (name, N, K) of the Llama 3.2 1B model
     ("wq / wo 2048x2048", 2048, 2048),
@@ -49,7 +50,9 @@ def bench_shape(n: int, k: int, mib: int, rows: int, reps: int, group_size: int 
     calls = {
         "read": lambda: block.amax(),
         "torch op": lambda: [cpu_fused.matmul(x, w) for w in repacked],
-        "w4a8": lambda: [cpu_w4a8.matmul(x, layer.weight_packed, layer.weight_scale, None, group_size)
+        "w4a16": lambda: [cpu_int4.matmul(x, layer.weight_packed, layer.weight_scale, None, group_size)
+                          for layer in layers],
+        "w4a8": lambda: [cpu_int4.matmul_w4a8(x, layer.weight_packed, layer.weight_scale, None, group_size)
                          for layer in layers],
     }
     times = {name: [] for name in calls}
@@ -79,9 +82,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.mib = 16
     torch.set_num_threads(args.threads)
-    why = cpu_w4a8.unsupported(2048, 128)
+    why = cpu_int4.unsupported(2048, 128)
     if why:
-        parser.error(f"the W4A8 kernel cannot run here: {why}")
+        parser.error(f"our INT4 CPU kernels cannot run here: {why}")
     print(f"torch {torch.__version__}, {args.threads} threads, {args.mib} MiB of INT4 g128 weights per shape")
     results = {}
     for rows in (int(r) for r in args.rows.split(",")):
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
             results[f"rows {rows} {name}"] = r
             cells = "  ".join(f"{kernel} {r[kernel]['ms']:7.2f} ms {r[kernel]['GBps']:5.1f} GB/s"
                               + (f" ({r[kernel]['of_read']:.0%})" if kernel != "read" else "")
-                              for kernel in ("read", "torch op", "w4a8"))
+                              for kernel in ("read", "torch op", "w4a16", "w4a8"))
             print(f"rows {rows}  {name:20s} x{r['copies']:<3d} {cells}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

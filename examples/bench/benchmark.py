@@ -16,7 +16,7 @@ What it does
     only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations; --dtypes int4o
     is the same with the output layer INT4 too (Llama.build(int4_output=True): a tied model's output layer gets
     an INT4 copy of the embedding matrix, which stays bf16 for the lookup), and int4o-w4a8 that with activations
-    rounded to int8 (Llama.build(w4a8=True): our AVX512-VNNI kernel, llama31/quant/cpu_w4a8.py).
+    rounded to int8 (Llama.build(w4a8=True): our AVX512-VNNI kernel, llama31/quant/cpu_int4.py).
     llama.cpp (--engines llama.cpp, through llama-cpp-python's bindings of its C API) runs the same weights
     exported to GGUF once (llama31/checkpoints/gguf.py) as F32 (fp32), BF16 (bf16) and, for the int4 ones, Q4_0
     made by llama.cpp's own quantizer (llama_model_quantize: blocks of 32 weights with one fp16 scale; "llama.cpp

@@ -2,9 +2,9 @@
 
     packing.py    the canonical layout (compressed-tensors pack-quantized), pack / unpack / dequantize
     rtn.py        round-to-nearest quantization of one weight matrix
-    linear.py     Int4Linear: reference, CPU-fused, CUDA and W4A8 forward paths behind one interface
+    linear.py     Int4Linear: reference, CPU (torch's op, ours), CUDA and W4A8 forward paths behind one interface
     cpu_fused.py  torch's CPU int4 op (repacking)
-    cpu_w4a8.py   W4A8, an option: activations rounded to int8, our AVX512-VNNI kernel (csrc/), built on first use
+    cpu_int4.py   our CPU kernels (csrc/), built on first use: W4A16 for decoding, W4A8 (int8 activations) as an option
     cuda.py       the fused CUDA extension (csrc/), built on first use
     formats.py    GPTQ and compressed-tensors checkpoints <-> Int4Linear tensors, quantization_config
     model.py      Int4Layers (the model factory) and quantize_model

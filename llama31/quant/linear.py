@@ -7,13 +7,17 @@ The paths compute the same function and differ only in speed and rounding:
     reference   unpack -> dequantize to fp32 -> matmul (fp32 accumulation), any device. The definition
                 that every fast path is tested against; slow (it rebuilds W on every call).
     cpu_fused   torch's fused CPU int4 op, bf16 activations (cpu_fused.py); weights repacked once.
+    cpu_int4    our W4A16 kernel for 1 to cpu_int4.W4A16_MAX_ROWS rows (cpu_int4.py, csrc/): the arithmetic of
+                cpu_fused (bf16 activations, fp32 sums), reading the canonical layout nearer the memory's speed;
+                more rows (batches, prompts) go to cpu_fused.
     cuda        our fused W4A16 extension (cuda.py, csrc/): a GEMV kernel for 1..16 rows, dequantize +
                 cuBLAS above that; fp16 / bf16 activations.
     cpu_w4a8    W4A8, an option: activations rounded to int8 per block of 32 (as llama.cpp's Q4_0 does), then
-                our AVX512-VNNI kernel (cpu_w4a8.py, csrc/); faster decoding, a further rounding of x.
+                our AVX512-VNNI kernel (cpu_int4.py, csrc/), for every row count; a further rounding of x.
 
 ``Int4Linear.backend`` picks one for every layer ("auto", the default, takes the fastest W4A16 path available
-on the input's device; W4A8 is never automatic); a layer built with ``backend=...`` keeps its own choice.
+on the input's device: cpu_int4 where it builds and the CPU has AVX512-BF16 and VNNI, else cpu_fused; W4A8 is
+never automatic); a layer built with ``backend=...`` keeps its own choice.
 Act-order layers (GPTQ desc_act) hold their columns sorted by group and an ``input_perm``:
 y = x[..., input_perm] @ W_sorted.T.
 """
@@ -26,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama31.quant import cpu_fused, cpu_w4a8
+from llama31.quant import cpu_fused, cpu_int4
 from llama31.quant.packing import dequantize, unpack_int4
 from llama31.quant.rtn import check_group_size, quantize_weight
 
-BACKENDS = ("auto", "reference", "cpu_fused", "cuda", "cpu_w4a8")
+BACKENDS = ("auto", "reference", "cpu_fused", "cpu_int4", "cuda", "cpu_w4a8")
 
 
 def int4_linear_reference(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
@@ -73,7 +77,7 @@ class Int4Linear(nn.Module):
             _check_backend(backend)
             self.backend = backend
         self._cpu_weight = None  # (version key, cpu_fused.CpuInt4Weight), built on first cpu_fused use
-        self._w4a8_scales = None  # (version key, (scale, zero_scale)), built on first cpu_w4a8 use
+        self._kernel_scales = None  # (version key, (scale, zero_scale)), built on first cpu_int4 / cpu_w4a8 use
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 128, *, zero_point: bool = False,
@@ -101,8 +105,12 @@ class Int4Linear(nn.Module):
         backend = self.resolve_backend(x.device)
         if backend == "cpu_fused":
             return cpu_fused.matmul(x, self._cpu_int4_weight())
+        if backend == "cpu_int4" and x.numel() // self.in_features <= cpu_int4.W4A16_MAX_ROWS:
+            return cpu_int4.matmul(x, self.weight_packed, *self._kernel_scales_now(), self.group_size)
+        if backend == "cpu_int4":  # more rows: torch's op, then (a prompt) dequantize-then-matmul, as cpu_fused
+            return cpu_fused.matmul(x, self._cpu_int4_weight())
         if backend == "cpu_w4a8":
-            return cpu_w4a8.matmul(x, self.weight_packed, *self._w4a8_tensors(), self.group_size)
+            return cpu_int4.matmul_w4a8(x, self.weight_packed, *self._kernel_scales_now(), self.group_size)
         if backend == "cuda":
             from llama31.quant import cuda
             return cuda.int4_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
@@ -114,6 +122,8 @@ class Int4Linear(nn.Module):
         backend = self.backend
         _check_backend(backend)
         if backend == "auto":
+            if device.type == "cpu" and _cpu_int4_usable(self.in_features, self.group_size):
+                return "cpu_int4"
             if device.type == "cpu" and cpu_fused.is_available(self.group_size):
                 return "cpu_fused"
             if device.type == "cuda" and _cuda_extension_usable():
@@ -128,12 +138,12 @@ class Int4Linear(nn.Module):
                                    f"{cpu_fused.SUPPORTED_GROUP_SIZES}); use backend 'reference'")
         if backend == "cuda" and device.type != "cuda":
             raise ValueError(f"Int4Linear.backend is 'cuda' but the input is on {device}; use 'auto'")
-        if backend == "cpu_w4a8":
+        if backend in ("cpu_int4", "cpu_w4a8"):
             if device.type != "cpu":
-                raise ValueError(f"Int4Linear.backend is 'cpu_w4a8' but the input is on {device}; use 'auto'")
-            why = cpu_w4a8.unsupported(self.in_features, self.group_size)
+                raise ValueError(f"Int4Linear.backend is {backend!r} but the input is on {device}; use 'auto'")
+            why = cpu_int4.unsupported(self.in_features, self.group_size)
             if why:
-                raise RuntimeError(f"Int4Linear({self.in_features} -> {self.out_features}): backend 'cpu_w4a8' "
+                raise RuntimeError(f"Int4Linear({self.in_features} -> {self.out_features}): backend {backend!r} "
                                    f"cannot run: {why}; use 'auto'")
         return backend
 
@@ -146,11 +156,11 @@ class Int4Linear(nn.Module):
                                                       self.group_size))
         return self._cpu_weight[1]
 
-    def _w4a8_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _kernel_scales_now(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scale as the kernel reads it (bf16 or fp32; fp16 widened to fp32, exactly) and, for asymmetric
         layers, zp * scale in fp32 [N, K/g]; rebuilt when the canonical tensors change."""
         key = tuple((t.data_ptr(), t._version) for t in (self.weight_scale, self.weight_zero_point) if t is not None)
-        if self._w4a8_scales is None or self._w4a8_scales[0] != key:
+        if self._kernel_scales is None or self._kernel_scales[0] != key:
             scale = self.weight_scale
             if scale.dtype not in (torch.bfloat16, torch.float32):
                 scale = scale.float()
@@ -158,8 +168,8 @@ class Int4Linear(nn.Module):
             if self.weight_zero_point is not None:
                 zp = unpack_int4(self.weight_zero_point, self.out_features, dim=0).float()  # (N, K/g)
                 zero_scale = (zp * self.weight_scale.float()).contiguous()
-            self._w4a8_scales = (key, (scale.contiguous(), zero_scale))
-        return self._w4a8_scales[1]
+            self._kernel_scales = (key, (scale.contiguous(), zero_scale))
+        return self._kernel_scales[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -169,6 +179,20 @@ class Int4Linear(nn.Module):
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"Int4Linear.backend must be one of {BACKENDS}, got {backend!r}")
+
+
+_cpu_int4_failure_reported = False
+
+
+def _cpu_int4_usable(in_features: int, group_size: int) -> bool:
+    """Whether "auto" may take our CPU kernel for this shape; a failed build warns once (auto then takes torch's
+    op, slower decoding), a CPU or shape it does not cover says nothing."""
+    global _cpu_int4_failure_reported
+    why = cpu_int4.unsupported(in_features, group_size)
+    if why and "could not be built" in why and not _cpu_int4_failure_reported:
+        warnings.warn(f"llama31.quant: {why}; INT4 layers use torch's int4 op instead (slower decoding)")
+        _cpu_int4_failure_reported = True
+    return why is None
 
 
 _cuda_failure_reported = False

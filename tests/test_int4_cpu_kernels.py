@@ -1,8 +1,10 @@
-"""W4A8 (Int4Linear backend "cpu_w4a8"): our AVX512-VNNI kernel computes its definition, quantize_activations(x)
-@ dequantize(W).T, for every group size, scale dtype, zero point and row count; it refuses what it cannot run with
-a reason; and on the trained demo model it costs little held-out loss against W4A16 and decodes the tokens its
-definition decodes."""
+"""Our INT4 CPU kernels (llama31/quant/cpu_int4.py). W4A16 (backend "cpu_int4", what "auto" takes on the CPU)
+computes bf16(x) @ dequantize(W).T and W4A8 (backend "cpu_w4a8", an option) quantize_activations(x) @
+dequantize(W).T, for every group size, scale dtype, zero point and row count; they refuse what they cannot run
+with a reason; and on the trained demo model W4A8 costs little held-out loss against W4A16 and each path decodes
+the tokens of its definition."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama31.quant import Int4Linear, cpu_w4a8, quantize_model
-from llama31.quant.cpu_w4a8 import quantize_activations
+from llama31.quant import Int4Linear, cpu_int4, quantize_model
+from llama31.quant.cpu_int4 import quantize_activations
 
 ROOT = Path(__file__).resolve().parents[1]
 
-if cpu_w4a8.unsupported(128, 128):
-    pytest.skip(f"the W4A8 kernel cannot run here: {cpu_w4a8.unsupported(128, 128)}", allow_module_level=True)
+if cpu_int4.unsupported(128, 128):
+    pytest.skip(f"our INT4 CPU kernels cannot run here: {cpu_int4.unsupported(128, 128)}", allow_module_level=True)
 
 
 def _layer(n, k, group_size, *, zero_point=False, dtype=torch.bfloat16, seed=0):
@@ -43,6 +45,34 @@ def test_kernel_computes_its_definition(group_size, zero_point, scale_dtype):
         # A wrong nibble, a mis-ordered column or a misplaced scale is off by more than 1e-2.
         expected = _definition(layer, x)
         assert ((layer(x).double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_w4a16_kernel_computes_bf16_activations_times_the_dequantized_weight(group_size, zero_point, scale_dtype):
+    layer = _layer(203, 512, group_size, zero_point=zero_point, dtype=scale_dtype)
+    for rows in (1, 2, 3, 4, 5, 9):  # every kernel width (1..4 rows of x per pass), and passes over a tile
+        x = torch.randn(rows, 512)
+        expected = x.bfloat16().double() @ layer.dequantized_weight(torch.float64).T
+        # Products of bf16 x and small integers are exact in fp32; the sums carry an offset of 128 per weight that
+        # each lane takes off again (sum (128 + u) x - 136 sum x), costing ~1e-6 of a group's sum. 1e-5 of the
+        # largest output is 10x that; a wrong nibble, column order or scale is off by more than 1e-2.
+        y = cpu_int4.matmul(x, layer.weight_packed, *layer._kernel_scales_now(), group_size)
+        assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+def test_auto_takes_the_w4a16_kernel_for_decoding_and_the_dequantized_matmul_for_prompts():
+    layer = _layer(256, 512, 128)
+    layer.backend = "auto"
+    assert layer.resolve_backend(torch.device("cpu")) == "cpu_int4"
+    for rows in (1, cpu_int4.W4A16_MAX_ROWS + 1, 100):  # the kernel, torch's op, W rebuilt in bf16 (a prompt)
+        x = torch.randn(rows, 512)
+        expected = x.bfloat16().double() @ layer.dequantized_weight(torch.float64).T
+        # the kernel: fp32 sums (1e-5); torch's op and the rebuilt W round to bf16 on the way (2^-9 relative per
+        # weight or output, docs of cpu_fused): within 2% of the largest output
+        tolerance = 1e-5 if rows <= cpu_int4.W4A16_MAX_ROWS else 2e-2
+        assert ((layer(x).double() - expected).abs().max() / expected.abs().max()).item() < tolerance
 
 
 def test_bfloat16_activations_give_bfloat16_outputs_rounded_once():
@@ -130,7 +160,7 @@ def test_w4a8_decodes_the_tokens_of_its_definition(demo_int4, monkeypatch):
         w = dequantize(weight_packed, weight_scale.float(), dtype=torch.float64)
         return (quantize_activations(x) @ w.T).to(x.dtype)
 
-    monkeypatch.setattr(cpu_w4a8, "matmul", formula)
+    monkeypatch.setattr(cpu_int4, "matmul_w4a8", formula)
     slow = llama.text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
     assert fast.tokens == slow.tokens
     # bf16 activations between layers: each path rounds its own sums to bf16 (2^-9 relative), so log-probs of
@@ -151,17 +181,22 @@ def test_llama_build_w4a8_switches_every_int4_layer_and_refuses_a_float_model(de
 
 
 def test_the_default_int4_path_decodes_the_tokens_of_the_reference_path(demo_bf16, monkeypatch):
-    """INT4 with the output layer INT4 too, on the demo model: the CPU's default path (torch's int4 op, bf16
-    activations) greedy-decodes the tokens of Int4Linear's reference path (dequantize, fp32 matmul)."""
+    """INT4 with the output layer INT4 too, on the demo model in float32: the CPU's default path (our W4A16
+    kernel, activations rounded to bf16) greedy-decodes the tokens of Int4Linear's reference path (dequantize,
+    fp32 matmul)."""
     from llama31.generation import Llama
     from llama31.text import Tokenizer
 
-    model = quantize_model(demo_bf16, 128, quantize_output=True)
+    # float32 between the layers (the demo's bf16 weights, exactly), so that what differs is the kernel's bf16
+    # rounding of each layer's input alone (in a bf16 model the logits' own bf16 rounding, 0.125 at |logit| ~ 20,
+    # would swamp it)
+    model = quantize_model(copy.deepcopy(demo_bf16).float(), 128, quantize_output=True)
     llama = Llama(model, Tokenizer())
     prompt = "And the LORD spake unto Moses, saying,"
     fast = llama.text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
     monkeypatch.setattr(Int4Linear, "backend", "reference")
     slow = llama.text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
     assert fast.tokens == slow.tokens
-    # the default path rounds activations to bf16 (2^-9 relative) where the reference keeps fp32
+    # the default path rounds each INT4 layer's input to bf16 (2^-9 relative), the reference keeps fp32: the
+    # log-probs of the chosen tokens agree to a few hundredths (measured ~0.03), not to float32 precision
     assert max(abs(a - b) for a, b in zip(fast.logprobs, slow.logprobs)) < 0.05
