@@ -1,8 +1,8 @@
-"""Int4Linear: a bias-free linear layer whose weight is stored in 4 bits (W4A16), with four forward paths.
+"""Int4Linear: a bias-free linear layer whose weight is stored in 4 bits (W4A16), with five forward paths.
 
     y = x @ W.T,   W[n, k] = (q[n, k] - zp[n, k // g]) * scale[n, k // g]      (see packing.py)
 
-The paths compute the same function and differ only in speed and rounding:
+The paths compute the same function and differ only in speed and rounding (W4A8 also rounds x to int8):
 
     reference   unpack -> dequantize to fp32 -> matmul (fp32 accumulation), any device. The definition
                 that every fast path is tested against; slow (it rebuilds W on every call).
