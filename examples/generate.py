@@ -61,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(decoding reads it whole every token); a tied model (Llama 3.2 1B / 3B) gets an INT4 copy "
                         "of its embedding matrix, and the embedding lookup stays exact")
     parser.add_argument("--w4a8", action="store_true", help="with --int4 (or an INT4 folder), multiply the INT4 "
-                        "layers with activations rounded to int8 per block of 32: faster decoding on a CPU with "
-                        "AVX512-VNNI, a further rounding (llama31/quant/cpu_int4.py)")
+                        "layers with activations rounded to int8 per block of 32, as llama.cpp's Q4_0 does (a CPU "
+                        "with AVX512-VNNI; a further rounding; llama31/quant/cpu_int4.py)")
     parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
                         help="INT4 group size with --int4 (default 128)")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt + reply to support (default: the "

@@ -129,7 +129,8 @@ class Llama:
         int4_output: with int4_group_size, quantize the output layer too (decoding reads it whole every token).
         With tied embeddings (3.2 1B / 3B) it gets an INT4 copy of the shared matrix; the lookup stays exact.
         w4a8: the INT4 layers multiply with activations rounded to int8 per block of 32 (Int4Linear backend
-        "cpu_w4a8", llama31/quant/cpu_int4.py; a CPU with AVX512-VNNI): a further rounding of x.
+        "cpu_w4a8", llama31/quant/cpu_int4.py; a CPU with AVX512-VNNI), as llama.cpp's Q4_0 does: a further
+        rounding of x, no faster than the default W4A16 kernel where the memory sets the pace (docs/benchmarks.md).
         pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
         Transformer.from_pretrained (None: the layers that gain from it; with compile, None means False).
         compile: compiled decode steps (see __init__; llama31/cpu/compiled.py).

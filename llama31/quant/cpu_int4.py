@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +56,9 @@ def load_extension(verbose: bool = False) -> None:
         _loaded = True
     except Exception as error:
         _failure = error
+        # said once: Int4Linear's "auto" then quietly takes torch's op, an explicit backend raises with the reason
+        warnings.warn(f"llama31.quant: the INT4 CPU kernels could not be built ({error}); INT4 layers use torch's "
+                      "int4 op instead (slower decoding). Set LLAMA31_VERBOSE_BUILD=1 to see the build.")
         raise
 
 

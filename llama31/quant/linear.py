@@ -122,7 +122,7 @@ class Int4Linear(nn.Module):
         backend = self.backend
         _check_backend(backend)
         if backend == "auto":
-            if device.type == "cpu" and _cpu_int4_usable(self.in_features, self.group_size):
+            if device.type == "cpu" and cpu_int4.unsupported(self.in_features, self.group_size) is None:
                 return "cpu_int4"
             if device.type == "cpu" and cpu_fused.is_available(self.group_size):
                 return "cpu_fused"
@@ -179,20 +179,6 @@ class Int4Linear(nn.Module):
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"Int4Linear.backend must be one of {BACKENDS}, got {backend!r}")
-
-
-_cpu_int4_failure_reported = False
-
-
-def _cpu_int4_usable(in_features: int, group_size: int) -> bool:
-    """Whether "auto" may take our CPU kernel for this shape; a failed build warns once (auto then takes torch's
-    op, slower decoding), a CPU or shape it does not cover says nothing."""
-    global _cpu_int4_failure_reported
-    why = cpu_int4.unsupported(in_features, group_size)
-    if why and "could not be built" in why and not _cpu_int4_failure_reported:
-        warnings.warn(f"llama31.quant: {why}; INT4 layers use torch's int4 op instead (slower decoding)")
-        _cpu_int4_failure_reported = True
-    return why is None
 
 
 _cuda_failure_reported = False

@@ -71,7 +71,6 @@ inline float scale_at<float>(const float* scale, int64_t i) { return scale[i]; }
 //   scale   float [16]: the int8 scale of lane l's block of 32
 // One buffer per thread, reused from call to call (a decode step makes over a hundred calls).
 struct QuantizedX {
-  int64_t m = 0, k = 0, blocks = 0;
   std::vector<int8_t> q;
   std::vector<int32_t> offset;
   std::vector<float> scale;
@@ -81,7 +80,6 @@ struct QuantizedX {
 //   b       bf16 bits [128]: columns 4j (j = 0..31), then 4j+1, 4j+2, 4j+3 (the order of a word's nibbles)
 //   offset  float [16]: -136 * (sum of x over lane l's columns 8l .. 8l+7)
 struct Bf16X {
-  int64_t m = 0, k = 0, blocks = 0;
   std::vector<uint16_t> b;
   std::vector<float> offset;
 };
@@ -102,13 +100,13 @@ LLAMA31_AVX512 inline float quantize_block(const float* x, int8_t* xq) {
 
 template <typename T>
 LLAMA31_AVX512 void quantize_x(const T* x, int64_t m, int64_t k, QuantizedX& out) {
-  out.m = m, out.k = k, out.blocks = k / kBlock;
+  const int64_t blocks = k / kBlock;
   out.q.resize(m * k), out.offset.resize(m * k / 8), out.scale.resize(m * k / 8);
   alignas(64) float xf[kBlock];
   alignas(64) int8_t xq[kBlock];
   float s[kBlock / kXBlock];
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t blk = 0; blk < out.blocks; ++blk) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
       const T* row = x + i * k + blk * kBlock;
       for (int c = 0; c < kBlock; ++c) xf[c] = as_float(row[c]);
       for (int b = 0; b < kBlock / kXBlock; ++b) s[b] = quantize_block(xf + b * kXBlock, xq + b * kXBlock);
@@ -117,7 +115,7 @@ LLAMA31_AVX512 void quantize_x(const T* x, int64_t m, int64_t k, QuantizedX& out
         q[j] = xq[2 * j];
         q[64 + j] = xq[2 * j + 1];
       }
-      const int64_t at = (i * out.blocks + blk) * 16;
+      const int64_t at = (i * blocks + blk) * 16;
       for (int l = 0; l < 16; ++l) {
         int32_t sum = 0;
         for (int e = 0; e < 8; ++e) sum += xq[8 * l + e];
@@ -132,10 +130,10 @@ inline uint16_t bf16_bits(c10::BFloat16 value) { return value.x; }
 
 template <typename T>
 void prepare_bf16(const T* x, int64_t m, int64_t k, Bf16X& out) {
-  out.m = m, out.k = k, out.blocks = k / kBlock;
+  const int64_t blocks = k / kBlock;
   out.b.resize(m * k), out.offset.resize(m * k / 8);
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t blk = 0; blk < out.blocks; ++blk) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
       const T* row = x + i * k + blk * kBlock;
       uint16_t* b = out.b.data() + i * k + blk * kBlock;
       for (int a = 0; a < 4; ++a)
@@ -143,7 +141,7 @@ void prepare_bf16(const T* x, int64_t m, int64_t k, Bf16X& out) {
       for (int l = 0; l < 16; ++l) {
         double sum = 0;
         for (int e = 0; e < 8; ++e) sum += bf16_to_float(bf16_bits(row[8 * l + e]));
-        out.offset[(i * out.blocks + blk) * 16 + l] = static_cast<float>(-136.0 * sum);
+        out.offset[(i * blocks + blk) * 16 + l] = static_cast<float>(-136.0 * sum);
       }
     }
 }
