@@ -74,12 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default on a CPU the large ones are packed for oneDNN (llama31/cpu/packed.py): faster "
                         "decoding, the same numbers to float rounding")
     parser.add_argument("--compile", action="store_true", help="decode one sequence's steps through torch.compile "
-                        "(CPU, float32/bfloat16; llama31/cpu/compiled.py): faster steps for a second copy of the "
-                        "weights and a compile at the first token")
+                        "(CPU: float32, bfloat16, --int4; llama31/cpu/compiled.py): faster steps for a compile at the "
+                        "first token (and, for float weights, a second copy of them)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    if args.compile and args.int4:
-        parser.error("--compile covers float32 and bfloat16 models, not --int4")
     if args.int4_output and not args.int4:
         parser.error("--int4-output quantizes the output layer along with --int4's block linears: add --int4")
     if args.max_new_tokens < 1:

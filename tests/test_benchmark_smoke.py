@@ -58,6 +58,10 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     read = {name: config["weight_bytes_read_per_step"] for name, config in report["configs"].items()}
     assert read["llama31 int4o"] < read["llama31 int4"]
     assert "llama31 int4o / llama31 int4" in report["ratios"]
+    # compiled INT4 decoding: the same weights read, one graph for every batch-1 step, paired with eager INT4
+    assert read["llama31-compile int4o"] == read["llama31 int4o"]
+    assert report["configs"]["llama31-compile int4o"]["graphs_compiled"] == 1
+    assert "llama31-compile int4o / llama31 int4o" in report["ratios"]
     # the plot is optional: drawn with matplotlib, a clear message without it
     assert (tmp_path / "plot.png").exists() or "plot skipped: matplotlib is not installed" in result.stdout
 

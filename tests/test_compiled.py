@@ -23,18 +23,23 @@ SAMPLE_IDS = json.loads((Path(__file__).parent / "data" / "kjv_heldout_sample.js
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def demo_folder(tmp_path_factory):
+    import llama31.demo as demo
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA31_CACHE", str(tmp_path_factory.mktemp("llama31_cache")))
+        return demo.demo_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def compiled(demo_folder):
     """(Llama with compile=True on the trained demo model loaded with pack=False, HF's LlamaForCausalLM on the
     same folder); dynamo reset around. The demo model (llama31/demo) is the reference users run first, so the
     compiled path is checked on its trained weights: real attention patterns, peaked next-token distributions."""
     from transformers import LlamaForCausalLM
 
-    import llama31.demo as demo
-
     torch._dynamo.reset()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LLAMA31_CACHE", str(tmp_path_factory.mktemp("llama31_cache")))
-        folder = demo.demo_checkpoint()
+    folder = demo_folder
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     llama = Llama(Transformer.from_pretrained(folder, dtype=torch.float32, pack=False), Tokenizer(), compile=True)
     yield llama, hf
@@ -87,15 +92,44 @@ def test_compiled_greedy_generation_equals_hf_and_new_requests_reuse_the_graph(c
     assert graphs_compiled() == 1
 
 
+def test_compiled_int4_decodes_the_tokens_of_the_int4_reference_path(demo_folder, monkeypatch):
+    """INT4 with the output layer INT4 too, on the demo model in float32 (as in tests/test_int4_cpu_kernels.py):
+    compiled steps (the CPU's INT4 kernel inside the graph: ours where it runs, else torch's; the rest fused by
+    inductor) greedy-decode the tokens of Int4Linear's reference path, and give the log-probs of the eager
+    steps, which run the same kernel."""
+    from llama31.quant import Int4Linear, quantize_model
+
+    model = quantize_model(Transformer.from_pretrained(demo_folder, dtype=torch.float32, pack=False), 128,
+                           quantize_output=True)
+    prompt = "And the LORD spake unto Moses, saying,"
+    before = graphs_compiled()
+    fast = Llama(model, Tokenizer(), compile=True).text_completion([prompt], max_gen_len=24, temperature=0,
+                                                                   logprobs=True)[0]
+    assert graphs_compiled() == before + 1
+    eager = Llama(model, Tokenizer()).text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
+    monkeypatch.setattr(Int4Linear, "backend", "reference")
+    slow = Llama(model, Tokenizer()).text_completion([prompt], max_gen_len=24, temperature=0, logprobs=True)[0]
+    assert fast.tokens == eager.tokens == slow.tokens
+    print(f"compiled INT4: log-probs vs eager {max(abs(a - b) for a, b in zip(fast.logprobs, eager.logprobs)):.1e},"
+          f" vs reference {max(abs(a - b) for a, b in zip(fast.logprobs, slow.logprobs)):.1e}")
+    # the same kernel on float32 inputs that differ by the order of inductor's additions (measured: equal); the
+    # tolerance of the float32 tests
+    assert max(abs(a - b) for a, b in zip(fast.logprobs, eager.logprobs)) <= TOL
+    # against the reference (fp32 inputs, no bf16 rounding): a few hundredths, as for the eager kernel
+    assert max(abs(a - b) for a, b in zip(fast.logprobs, slow.logprobs)) < 0.05
+
+
 def test_what_cannot_be_compiled_is_refused_by_name(hf_folder):
     folder, _ = hf_folder(seed=3, intermediate_size=256)
     with pytest.raises(ValueError, match="packed for oneDNN; load it with pack=False"):
         CompiledDecoder(Transformer.from_pretrained(folder, pack=True))
-    from llama31.quant import quantize_model
+    from llama31.quant import Int4Linear, quantize_model
 
     int4 = quantize_model(Transformer.from_pretrained(folder, pack=False), group_size=32)
-    with pytest.raises(ValueError, match="it has Int4Linear layers"):
+    int4.layers[0].attention.wq.backend = "reference"  # a path the compiled step does not trace
+    with pytest.raises(ValueError, match=r"Int4Linear\(64 -> 64\) runs 'reference'; compiled INT4 decoding runs"):
         CompiledDecoder(int4)
+    assert Int4Linear.backend == "auto"
     with pytest.raises(ValueError, match="float32 and bfloat16"):
         CompiledDecoder(Transformer.from_pretrained(folder, dtype=torch.float16, pack=False))
     with pytest.raises(ValueError, match="compile=True needs plain weights"):

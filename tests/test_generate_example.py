@@ -138,7 +138,6 @@ def test_prefill_chunk_gives_the_same_continuation(real_vocab_folder):
     (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
-    (["--compile", "--int4"], "--compile covers float32 and bfloat16 models, not --int4"),
     (["--int4-output"], "--int4-output quantizes the output layer along with --int4's block linears: add --int4"),
     (["--prompt", "x", "--chat"], "not allowed with argument"),
     (["--ckpt-dir", "/nonexistent/llama"], "checkpoint folder /nonexistent/llama does not exist"),

@@ -12,9 +12,9 @@ What it does
     it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains;
     llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
     llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
-    HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31
-    only) is the bf16 model quantized round-to-nearest with group size 128 and bf16 activations; --dtypes int4o
-    is the same with the output layer INT4 too (Llama.build(int4_output=True): a tied model's output layer gets
+    HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31 and
+    llama31-compile) is the bf16 model quantized round-to-nearest with group size 128, bf16 activations; --dtypes
+    int4o is the same with the output layer INT4 too (Llama.build(int4_output=True): a tied model's output layer gets
     an INT4 copy of the embedding matrix, which stays bf16 for the lookup), and int4o-w4a8 that with activations
     rounded to int8 (Llama.build(w4a8=True): our AVX512-VNNI kernel, llama31/quant/cpu_int4.py).
     llama.cpp (--engines llama.cpp, through llama-cpp-python's bindings of its C API) runs the same weights
@@ -628,7 +628,8 @@ def run_benchmark(opts) -> dict:
     configs = [(e, d) for d in opts.dtypes if d in DTYPES for e in opts.engines]
     # the 4-bit workers, loaded once, take part in every dtype's round: llama31's INT4 (INT4_DTYPES), llama.cpp's
     # Q4_0 (with either)
-    int4 = [("llama31", d) for d in opts.dtypes if d in INT4_DTYPES and "llama31" in opts.engines]
+    int4 = [(e, d) for d in opts.dtypes if d in INT4_DTYPES for e in ("llama31", "llama31-compile")
+            if e in opts.engines]
     if "llama.cpp" in opts.engines and any(d in INT4_DTYPES for d in opts.dtypes):
         int4.append(("llama.cpp", "q4_0"))
     if int4 and not any(d in DTYPES for d in opts.dtypes):
@@ -751,7 +752,8 @@ def summarise(opts, args: ModelArgs, results: dict, ops) -> dict:
     pairs += [(f"llama31 {q}", f"hf {d}") for q in INT4_DTYPES for d in ("fp32", "bf16")]
     pairs += [("llama31 int4o", "llama31 int4"), ("llama31 int4o-w4a8", "llama31 int4o")]
     pairs += [(f"llama.cpp {d}", f"{e} {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-compile", "hf")]
-    pairs += [("llama.cpp q4_0", f"llama31 {q}") for q in INT4_DTYPES]
+    pairs += [("llama.cpp q4_0", f"{e} {q}") for q in INT4_DTYPES for e in ("llama31", "llama31-compile")]
+    pairs += [(f"llama31-compile {q}", f"llama31 {q}") for q in INT4_DTYPES]
     for a, b in pairs:
         ratios = {key: paired(a, b, key) for key, *_ in ops}
         if any(v is not None for v in ratios.values()):

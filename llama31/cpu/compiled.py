@@ -7,15 +7,21 @@ for bf16), times them against the ATen kernel once, and keeps the faster. Those 
 memory's speed than the best eager kernel (oneDNN's on packed weights, llama31/cpu/packed.py), so one
 sequence decodes faster; docs/benchmarks.md measures both against the roofline.
 
-    decoder = CompiledDecoder(model)             # model: float32 or bfloat16, on the CPU, NOT packed
+INT4 models compile too: each Int4Linear calls our INT4 CPU kernel (llama31/quant/cpu_int4.py, a torch custom
+op that inductor calls as it is), and what a step does besides its matrix products (norms, RoPE, attention over
+the cache, SwiGLU, the residual adds: about a sixth of an INT4 step when each is its own eager call) runs as a
+few fused C++ loops called from C++ (cpp_wrapper).
+
+    decoder = CompiledDecoder(model)             # model: float32, bfloat16 or INT4, on the CPU, NOT packed
     decoder.setup_cache(1, max_seq_len)          # as model.setup_cache
     with torch.inference_mode():
         decoder(tokens, start_pos, last_only=True)   # as model(...): (1, 1) tokens run compiled, the rest eagerly
 
 What it costs:
-  * Memory: a second copy of the weights. Freezing folds each weight into the compiled step as a constant,
-    re-laid out for its kernel; the model keeps its plain weights for the prompts (prefill), which run eagerly.
-    While compiling, about 3x the weights.
+  * Memory: a second copy of the float weights. Freezing folds each weight into the compiled step as a
+    constant, re-laid out for its kernel; the model keeps its plain weights for the prompts (prefill), which run
+    eagerly. While compiling, about 3x the weights. INT4 weights are read where they are (no copy); an INT4
+    model's float output layer (the default for tied models) is copied like any float weight.
   * Time: the first step compiles (mostly autotuning; inductor keeps its kernels and timings on disk, under
     /tmp/torchinductor_$USER, so later processes compile in seconds). A C++ compiler must be installed
     (inductor calls g++). Autotuning times the kernels on the machine as it is at that moment: compiled while
@@ -23,8 +29,9 @@ What it costs:
     on a quiet machine (delete the cache to tune again).
   * Scope: only one sequence's one-token steps are compiled. Prompts and batches of several sequences run the
     model eagerly (plain F.linear, no packing): each further graph would hold a further copy of the weights.
-  * The weights are frozen at the first step: changes made to them afterwards are not seen. Build a new
-    CompiledDecoder (and call torch._dynamo.reset()) after loading other weights.
+  * The model is frozen at the first step: changes made to its weights or modules afterwards are not seen (the
+    graph checks none of them, see _compiled_step). Build a new CompiledDecoder over a new model object after
+    loading other weights.
 One graph serves every position and every cache length: the KV caches are arguments of the compiled function
 (see _decode_step), so a new request's cache of another size does not compile again. The numbers are the
 model's own: the same function, float additions in another order (~1e-6 relative in float32; tested against
@@ -32,6 +39,9 @@ HF transformers).
 """
 
 from __future__ import annotations
+
+import types
+import weakref
 
 import torch
 import torch._inductor.config  # noqa: F401  (torch._inductor.config.patch, below)
@@ -67,12 +77,14 @@ def compile_unsupported(model: Transformer) -> str | None:
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         return "its linear weights are packed for oneDNN; load it with pack=False (the compiled step lays the " \
                "weights out itself)"
-    plain = (nn.Linear, nn.Embedding, RMSNorm)
+    from llama31.quant import Int4Linear
+
+    plain = (nn.Linear, nn.Embedding, RMSNorm, Int4Linear)
     other = {type(m).__name__ for m in model.modules()
              if not isinstance(m, plain) and any(True for _ in (*m.parameters(False), *m.buffers(False)))}
     if other:
-        return f"it has {', '.join(sorted(other))} layers (INT4, or split over processes); compiled decoding " \
-               "covers plain float32 and bfloat16 models in one process"
+        return f"it has {', '.join(sorted(other))} layers (split over processes); compiled decoding covers " \
+               "float32, bfloat16 and INT4 models in one process"
     return None
 
 
@@ -86,20 +98,50 @@ def _decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, cache
     return model(tokens, start_pos, last_only=True)
 
 
+def _prepare_int4_layers(model: Transformer) -> str | None:
+    """Fix each INT4 layer's kernel for tracing (Int4Linear.prepare_compiled); None, or why one cannot be."""
+    from llama31.quant import Int4Linear
+
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            why = module.prepare_compiled()
+            if why:
+                return why
+    return None
+
+
+# One compiled function per model object, each with its own code object. Dynamo keeps graphs per code object
+# and tells them apart by guards; the guard_filter_fn drops the guards on the model's modules (thousands of
+# attribute checks, about 1 ms a step), which would otherwise be what tells one model's graph (its weights
+# frozen in) from another's. A code object of its own keeps each model's graphs apart instead.
+_steps: "weakref.WeakKeyDictionary[Transformer, object]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: Transformer):
+    if model not in _steps:
+        code = _decode_step.__code__.replace()  # a copy: a new code object
+        step = types.FunctionType(code, _decode_step.__globals__, _decode_step.__name__)
+        # dynamic=True: positions and cache lengths are inputs of the graph, not constants of it
+        _steps[model] = torch.compile(step, dynamic=True, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    return _steps[model]
+
+
 class CompiledDecoder:
     """The model, called the same way, with (1, 1)-token steps through torch.compile (see the module doc)."""
 
     def __init__(self, model: Transformer, options: dict | None = None):
         """options: inductor settings that replace those of INDUCTOR_OPTIONS (to measure them). The graph is
         cached per model object: a second CompiledDecoder over the same model reuses the first one's graph,
-        whatever its options (examples/bench/bench_compile.py --against loads a second model)."""
-        why = compile_unsupported(model)
+        whatever its options (examples/bench/bench_compile.py --against loads a second model). ValueError, with
+        the reason, for a model that cannot be compiled (see compile_unsupported; an INT4 layer whose path is not
+        our CPU kernel)."""
+        why = compile_unsupported(model) or _prepare_int4_layers(model)
         if why:
             raise ValueError(f"cannot compile the decode step: {why}")
         self.model = model
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
-        # dynamic=True: positions and cache lengths are inputs of the graph, not constants of it
-        self._step = torch.compile(_decode_step, dynamic=True)
+        self._step = _compiled_step(model)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> None:
         """As Transformer.setup_cache, with one spare position where the context allows: a step whose keys fill

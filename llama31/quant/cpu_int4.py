@@ -53,6 +53,9 @@ def load_extension(verbose: bool = False) -> None:
         load(name="llama31_int4_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False,
              verbose=verbose or bool(os.environ.get("LLAMA31_VERBOSE_BUILD")))
+        # what torch.compile traces the op with (compiled decoding, llama31/cpu/compiled.py): the output's shape
+        # and dtype from the inputs', no data
+        torch.library.register_fake("llama31_int4_cpu::mm", _mm_shape)
         _loaded = True
     except Exception as error:
         _failure = error
@@ -60,6 +63,10 @@ def load_extension(verbose: bool = False) -> None:
         warnings.warn(f"llama31.quant: the INT4 CPU kernels could not be built ({error}); INT4 layers use torch's "
                       "int4 op instead (slower decoding). Set LLAMA31_VERBOSE_BUILD=1 to see the build.")
         raise
+
+
+def _mm_shape(x, weight_packed, weight_scale, zero_scale, group_size, int8_activations):
+    return x.new_empty(*x.shape[:-1], weight_packed.shape[0])
 
 
 @functools.lru_cache(maxsize=None)  # asked on every forward: answered once per shape

@@ -25,6 +25,7 @@ y = x[..., input_perm] @ W_sorted.T.
 from __future__ import annotations
 
 import warnings
+from dataclasses import is_dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,7 @@ class Int4Linear(nn.Module):
             self.backend = backend
         self._cpu_weight = None  # (version key, cpu_fused.CpuInt4Weight), built on first cpu_fused use
         self._kernel_scales = None  # (version key, (scale, zero_scale)), built on first cpu_int4 / cpu_w4a8 use
+        self._compiled_path = None  # (matmul, *its arguments after x), fixed by prepare_compiled
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 128, *, zero_point: bool = False,
@@ -102,6 +104,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"Int4Linear: input has {x.shape[-1]} features, the layer expects {self.in_features}")
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)  # act-order: columns in the order W was sorted into
+        if self._compiled_path is not None and torch.compiler.is_compiling():
+            matmul, *args = self._compiled_path  # a compiled decode step: see prepare_compiled
+            return matmul(x, *args)
         backend = self.resolve_backend(x.device)
         if backend == "cpu_fused":
             return cpu_fused.matmul(x, self._cpu_int4_weight())
@@ -146,6 +151,28 @@ class Int4Linear(nn.Module):
                 raise RuntimeError(f"Int4Linear({self.in_features} -> {self.out_features}): backend {backend!r} "
                                    f"cannot run: {why}; use 'auto'")
         return backend
+
+    def prepare_compiled(self) -> str | None:
+        """Fix the path that a compiled decode step (llama31/cpu/compiled.py) traces: the CPU path "auto" (or
+        the layer's backend) takes, with its weights as that kernel reads them, chosen here once, since
+        torch.compile cannot trace the checks forward makes on every call. Returns None, or why this layer cannot
+        be compiled (a sentence)."""
+        backend = self.resolve_backend(self.weight_packed.device)
+        if backend in ("cpu_int4", "cpu_w4a8"):
+            matmul = cpu_int4.matmul_w4a8 if backend == "cpu_w4a8" else cpu_int4.matmul
+            self._compiled_path = (matmul, self.weight_packed, *self._kernel_scales_now(), self.group_size)
+        elif backend == "cpu_fused":
+            self._compiled_path = (cpu_fused.matmul, self._cpu_int4_weight())
+        else:
+            return (f"Int4Linear({self.in_features} -> {self.out_features}) runs {backend!r}; compiled INT4 "
+                    "decoding runs the CPU kernels (backend 'auto', 'cpu_int4', 'cpu_w4a8' or 'cpu_fused')")
+        # sizes fixed in the graph: with dynamic=True the sizes of every tensor the step reads would be symbols,
+        # which freezing (a buffer becomes a constant of the graph) leaves undefined
+        for item in (*self.buffers(), *self._compiled_path):
+            for tensor in vars(item).values() if is_dataclass(item) else (item,):
+                if isinstance(tensor, torch.Tensor):
+                    torch._dynamo.mark_static(tensor)
+        return None
 
     def _cpu_int4_weight(self) -> cpu_fused.CpuInt4Weight:
         # Repack lazily, and again whenever the canonical tensors change (load_state_dict bumps _version).
