@@ -57,6 +57,8 @@ MEASURED = (
     # run of 2026-12-02, median of 5: "The fastest path of each precision against llama.cpp", run C
     ("llama31 INT4, INT4 output",        "int4o", 42.86, 0.60),
     ("llama31 INT4, INT4 output, W4A8",  "int4o", 43.88, 0.61),
+    # run D, the same day, median of 5: "INT4, compiled (run D)"
+    ("llama31 INT4, INT4 output, compiled", "int4o", 49.36, 0.68),
 )
 # ---------------------------------------------------------------------------------------------------------
 
