@@ -8,9 +8,9 @@ memory's speed than the best eager kernel (oneDNN's on packed weights, llama31/c
 sequence decodes faster; docs/benchmarks.md measures both against the roofline.
 
 INT4 models compile too: each Int4Linear calls our INT4 CPU kernel (llama31/quant/cpu_int4.py, a torch custom
-op that inductor calls as it is), and what a step does besides its matrix products (norms, RoPE, attention over
-the cache, SwiGLU, the residual adds: about a sixth of an INT4 step when each is its own eager call) runs as a
-few fused C++ loops called from C++ (cpp_wrapper).
+op that inductor calls as it is; torch's int4 op where ours cannot run), and what a step does besides its
+matrix products (norms, RoPE, attention over the cache, SwiGLU, the residual adds: about a sixth of an INT4 step
+when each is its own eager call) runs as a few fused C++ loops called from C++ (cpp_wrapper).
 
     decoder = CompiledDecoder(model)             # model: float32, bfloat16 or INT4, on the CPU, NOT packed
     decoder.setup_cache(1, max_seq_len)          # as model.setup_cache
@@ -135,7 +135,7 @@ class CompiledDecoder:
         cached per model object: a second CompiledDecoder over the same model reuses the first one's graph,
         whatever its options (examples/bench/bench_compile.py --against loads a second model). ValueError, with
         the reason, for a model that cannot be compiled (see compile_unsupported; an INT4 layer whose path is not
-        our CPU kernel)."""
+        one of the CPU kernels, Int4Linear.prepare_compiled)."""
         why = compile_unsupported(model) or _prepare_int4_layers(model)
         if why:
             raise ValueError(f"cannot compile the decode step: {why}")
