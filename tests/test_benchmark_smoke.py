@@ -23,7 +23,7 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [sys.executable, str(BENCH / "benchmark.py"), "--preset", "tiny", "--reps", "1", "--threads", "1",
-         "--dtypes", "fp32,int4,int4o", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
+         "--dtypes", "fp32,int4o", "--decode-tokens", "3", "--decode-prompt", "4", "--prefill-lens", "8",
          "--batch-sizes", "1,2", "--engines", "llama31,llama31-compile,hf", "--read-mib", "64",
          "--cache-dir", str(tmp_path / "cache"), "--out-json", str(out), "--plot", str(tmp_path / "plot.png")],
         capture_output=True, text=True, env=env, timeout=300)
@@ -52,12 +52,11 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
     # one graph for every batch-1 step (batch 2 runs eagerly)
     assert report["configs"]["llama31-compile fp32"]["graphs_compiled"] == 1
     assert "decode b1" in result.stdout and "paired ratios" in result.stdout
-    # INT4 runs when llama31.quant exists, and is reported as skipped when it does not
-    assert ("llama31 int4" in report["configs"]) != ("INT4 skipped" in result.stderr)
-    # int4o: the output layer INT4 too, so a step reads fewer bytes of weights; paired with int4
+    assert {"llama31 int4o", "llama31-compile int4o"} <= set(report["configs"])
+    # int4o: every linear layer INT4 (the output layer too), a step reads under a quarter of fp32's weight bytes
     read = {name: config["weight_bytes_read_per_step"] for name, config in report["configs"].items()}
-    assert read["llama31 int4o"] < read["llama31 int4"]
-    assert "llama31 int4o / llama31 int4" in report["ratios"]
+    assert read["llama31 int4o"] < read["llama31 fp32"] / 4
+    assert "llama31 int4o / hf fp32" in report["ratios"]
     # compiled INT4 decoding: the same weights read, one graph for every batch-1 step, paired with eager INT4
     assert read["llama31-compile int4o"] == read["llama31 int4o"]
     assert report["configs"]["llama31-compile int4o"]["graphs_compiled"] == 1
