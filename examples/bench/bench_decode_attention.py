@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from llama31.model.attention import decode_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int4_stream import time_against_read  # noqa: E402  (the same alternating loop, beside this file)
 
 
 def q_kt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -51,18 +54,7 @@ def bench_context(context: int, layers: int, n_heads: int, n_kv_heads: int, head
         "q k^T": lambda: [q_kt_attention(q, k, v) for q, (k, v) in zip(queries, views)],
         "read": lambda: [(k.amax(), v.amax()) for k, v in views],
     }
-    times = {name: [] for name in calls}
-    with torch.inference_mode():
-        for call in calls.values():
-            call()  # warm-up
-        for _ in range(reps):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    return {name: {"ms": 1e3 * t, "GBps": nbytes / t / 1e9, "of_read": medians["read"] / t}
-            for name, t in medians.items()}
+    return time_against_read(calls, nbytes, reps)
 
 
 def main(argv=None) -> int:

@@ -55,19 +55,25 @@ def bench_shape(n: int, k: int, mib: int, rows: int, reps: int, group_size: int 
         "w4a8": lambda: [cpu_int4.matmul_w4a8(x, layer.weight_packed, layer.weight_scale, None, group_size)
                          for layer in layers],
     }
+    return {"bytes": nbytes, "copies": copies, **time_against_read(calls, nbytes, reps)}
+
+
+def time_against_read(calls: dict, nbytes: int, reps: int) -> dict:
+    """Each of calls (one of them named "read") once to warm up (page faults, a kernel's build), then all of
+    them in turn, reps times, under inference_mode. Returns name -> the median's ms, GB/s of nbytes and
+    fraction of the read's time."""
     times = {name: [] for name in calls}
     with torch.inference_mode():
-        for name, call in calls.items():
-            call()  # warm-up: page faults, the kernel's build
+        for call in calls.values():
+            call()
         for _ in range(reps):
             for name, call in calls.items():
                 start = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"bytes": nbytes, "copies": copies,
-            **{name: {"ms": 1e3 * t, "GBps": nbytes / t / 1e9, "of_read": medians["read"] / t}
-               for name, t in medians.items()}}
+    return {name: {"ms": 1e3 * t, "GBps": nbytes / t / 1e9, "of_read": medians["read"] / t}
+            for name, t in medians.items()}
 
 
 def main(argv=None) -> int:
