@@ -105,22 +105,23 @@ class Int4Linear(nn.Module):
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)  # act-order: columns in the order W was sorted into
         if self._compiled_path is not None and torch.compiler.is_compiling():
-            matmul, *args = self._compiled_path  # a compiled decode step: see prepare_compiled
-            return matmul(x, *args)
-        backend = self.resolve_backend(x.device)
-        if backend == "cpu_fused":
-            return cpu_fused.matmul(x, self._cpu_int4_weight())
-        if backend == "cpu_int4" and x.numel() // self.in_features <= cpu_int4.W4A16_MAX_ROWS:
-            return cpu_int4.matmul(x, self.weight_packed, *self._kernel_scales_now(), self.group_size)
-        if backend == "cpu_int4":  # more rows: torch's op, then (a prompt) dequantize-then-matmul, as cpu_fused
-            return cpu_fused.matmul(x, self._cpu_int4_weight())
-        if backend == "cpu_w4a8":
-            return cpu_int4.matmul_w4a8(x, self.weight_packed, *self._kernel_scales_now(), self.group_size)
+            matmul, *args = self._compiled_path  # a compiled decode step: the path prepare_compiled fixed
+        else:
+            matmul, *args = self._path(self.resolve_backend(x.device), x.numel() // self.in_features)
+        return matmul(x, *args)
+
+    def _path(self, backend: str, rows: int) -> tuple:
+        """(function, *its arguments after x) that multiplies ``rows`` rows of x by W on ``backend``."""
+        if backend == "cpu_w4a8" or (backend == "cpu_int4" and rows <= cpu_int4.W4A16_MAX_ROWS):
+            matmul = cpu_int4.matmul_w4a8 if backend == "cpu_w4a8" else cpu_int4.matmul
+            return (matmul, self.weight_packed, *self._kernel_scales_now(), self.group_size)
+        if backend in ("cpu_fused", "cpu_int4"):  # cpu_int4 with more rows: torch's op, or (a prompt) dequantize
+            return (cpu_fused.matmul, self._cpu_int4_weight())
         if backend == "cuda":
             from llama31.quant import cuda
-            return cuda.int4_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                    self.group_size)
-        return int4_linear_reference(x, self.weight_packed, self.weight_scale, self.weight_zero_point)
+            return (cuda.int4_linear, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                    self.group_size)
+        return (int4_linear_reference, self.weight_packed, self.weight_scale, self.weight_zero_point)
 
     def resolve_backend(self, device: torch.device) -> str:
         """The path a forward on ``device`` takes: the forced one (checked) or the best available."""
@@ -158,14 +159,10 @@ class Int4Linear(nn.Module):
         torch.compile cannot trace the checks forward makes on every call. Returns None, or why this layer cannot
         be compiled (a sentence)."""
         backend = self.resolve_backend(self.weight_packed.device)
-        if backend in ("cpu_int4", "cpu_w4a8"):
-            matmul = cpu_int4.matmul_w4a8 if backend == "cpu_w4a8" else cpu_int4.matmul
-            self._compiled_path = (matmul, self.weight_packed, *self._kernel_scales_now(), self.group_size)
-        elif backend == "cpu_fused":
-            self._compiled_path = (cpu_fused.matmul, self._cpu_int4_weight())
-        else:
+        if backend not in ("cpu_int4", "cpu_w4a8", "cpu_fused"):
             return (f"Int4Linear({self.in_features} -> {self.out_features}) runs {backend!r}; compiled INT4 "
                     "decoding runs the CPU kernels (backend 'auto', 'cpu_int4', 'cpu_w4a8' or 'cpu_fused')")
+        self._compiled_path = self._path(backend, rows=1)  # a compiled step decodes one token of one sequence
         # sizes fixed in the graph: with dynamic=True the sizes of every tensor the step reads would be symbols,
         # which freezing (a buffer becomes a constant of the graph) leaves undefined
         for item in (*self.buffers(), *self._compiled_path):
