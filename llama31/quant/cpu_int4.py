@@ -22,12 +22,12 @@ Zen 4) and a C++ compiler: the first call compiles the kernels (seconds; torch c
 from __future__ import annotations
 
 import functools
-import os
 import platform
-import warnings
 from pathlib import Path
 
 import torch
+
+from llama31.cpu.extension import CppKernels
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.cpp"
 BLOCK = 32  # activations per int8 scale in W4A8 (llama.cpp's Q8_0 block)
@@ -35,38 +35,14 @@ BLOCK = 32  # activations per int8 scale in W4A8 (llama.cpp's Q8_0 block)
 # per weight and row make it slower than torch's op (python examples/bench/bench_int4_stream.py --rows 1,2,3,4)
 W4A16_MAX_ROWS = 3
 
-_loaded = False
-_failure: Exception | None = None
-
-
-def load_extension(verbose: bool = False) -> None:
-    """Compile (first call) and load the kernels as torch.ops.llama31_int4_cpu; a failed build is re-raised."""
-    global _loaded, _failure
-    if _loaded:
-        return
-    if _failure is not None:
-        raise _failure
-    try:
-        from torch.utils.cpp_extension import load
-        # -fopenmp: the kernels split rows over torch's threads (at::parallel_for), which is OpenMP in torch's
-        # CPU builds; without it the pragma is ignored and one thread does all the work
-        load(name="llama31_int4_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False,
-             verbose=verbose or bool(os.environ.get("LLAMA31_VERBOSE_BUILD")))
-        # what torch.compile traces the op with (compiled decoding, llama31/cpu/compiled.py): the output's shape
-        # and dtype from the inputs', no data
-        torch.library.register_fake("llama31_int4_cpu::mm", _mm_shape)
-        _loaded = True
-    except Exception as error:
-        _failure = error
-        # said once: Int4Linear's "auto" then quietly takes torch's op, an explicit backend raises with the reason
-        warnings.warn(f"llama31.quant: the INT4 CPU kernels could not be built ({error}); INT4 layers use torch's "
-                      "int4 op instead (slower decoding). Set LLAMA31_VERBOSE_BUILD=1 to see the build.")
-        raise
-
 
 def _mm_shape(x, weight_packed, weight_scale, zero_scale, group_size, int8_activations):
     return x.new_empty(*x.shape[:-1], weight_packed.shape[0])
+
+
+_kernels = CppKernels("llama31_int4_cpu", SOURCE, "INT4 layers use torch's int4 op instead (slower decoding)",
+                      fakes={"mm": _mm_shape})
+load_extension = _kernels.load  # compile (first call) and load as torch.ops.llama31_int4_cpu
 
 
 @functools.lru_cache(maxsize=None)  # asked on every forward: answered once per shape
