@@ -67,3 +67,13 @@ def hf_folder(tmp_path):
         return folder, model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    """The trained demo model's checkpoint folder (llama31/demo), expanded once per session in a private cache."""
+    import llama31.demo as demo
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA31_CACHE", str(tmp_path_factory.mktemp("llama31_cache")))
+        return demo.demo_checkpoint()
