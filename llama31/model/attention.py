@@ -45,6 +45,9 @@ class Attention(nn.Module):
         self.wv = layers.kv(args.dim, args.n_kv_heads, args.head_dim, dtype=dtype, device=device)  # W_V
         self.wo = layers.row(args.n_heads * args.head_dim, args.dim, dtype=dtype, device=device)  # W_O
         self.cache: KVCache | None = None  # set by Transformer.setup_cache
+        # the formula for one new token (below); CPU decoding may give a layer a fused kernel of it instead
+        # (llama31/cpu/attention.py)
+        self.decode_attention = decode_attention
 
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +68,7 @@ class Attention(nn.Module):
                              "call model.setup_cache(...) first")
 
         if seqlen == 1:
-            out = decode_attention(q, k, v)
+            out = self.decode_attention(q, k, v)
         else:  # from position 0 the mask is SDPA's own lower triangle (is_causal), faster than a mask tensor
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         # out: (bs, n_heads, seqlen, hd)
