@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "decoding, the same numbers to float rounding")
     parser.add_argument("--compile", action="store_true", help="decode one sequence's steps through torch.compile "
                         "(CPU: float32, bfloat16, --int4; llama31/cpu/compiled.py): faster steps for a compile at the "
-                        "first token (and, for float weights, a second copy of them)")
+                        "first token")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if args.int4_output and not args.int4:
@@ -218,7 +218,7 @@ def run(args) -> int:
     print(f"model: {info['format']} checkpoint {info['path'] or ''} ({dtype}, {device}{int4}{compiled})",
           file=sys.stderr)
     if args.compile:
-        print("torch.compile: the first generated token waits for the compile (about a minute for a 1B model; "
+        print("torch.compile: the first generated token waits for the compile (under a minute for a 1B model; "
               "seconds once inductor's disk cache has it)", file=sys.stderr)
 
     if args.prompt is not None:

@@ -98,8 +98,8 @@ class Llama:
         """seed: of the sampling generator used when a call passes neither seed nor generator. Under torchrun
         every rank must draw the same tokens; one seeded generator per Llama (not the global RNG) ensures it.
         compile: decode one sequence's steps through torch.compile (llama31/cpu/compiled.py: CPU, float32,
-        bfloat16 or INT4, unpacked weights; faster steps for a compile at the first step and, for float weights,
-        a second copy of them)."""
+        bfloat16 or INT4, unpacked weights; faster steps for a compile at the first step; without AVX512-BF16,
+        float weights cost a second copy)."""
         check_int(max_batch_size, "max_batch_size", "Llama", minimum=1)
         check_int(seed, "seed", "Llama", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
         check_bool(compile, "compile", "Llama")

@@ -1,10 +1,14 @@
 """CPU speed, applied from outside the model (the model core in llama31/model/ is the formula alone).
 
-    packed.py    PackedLinear: linear weights in oneDNN's blocked layout, swapped in after loading
-                 (pack_weights; Transformer.from_pretrained and Llama.build do it by default on the CPU)
-    compiled.py  CompiledDecoder: one sequence's decode steps through torch.compile (Llama(compile=True))
+    packed.py     PackedLinear: linear weights in oneDNN's blocked layout, swapped in after loading
+                  (pack_weights; Transformer.from_pretrained and Llama.build do it by default on the CPU)
+    gemv.py       GemvLinear: our matrix-vector kernel (csrc/gemv.cpp) for decode steps, on the plain weights
+    attention.py  our kernel for one new token's attention over the KV cache (csrc/decode_attention.cpp)
+    compiled.py   CompiledDecoder: one sequence's decode steps through torch.compile (Llama(compile=True)),
+                  with the two kernels above inside the graph
+    extension.py  how the C++ kernels are built on first use
 
-Both exist because decoding is bound by how fast the weights stream from memory; docs/benchmarks.md measures
+All exist because decoding is bound by how fast the weights stream from memory; docs/benchmarks.md measures
 each against that limit.
 """
 

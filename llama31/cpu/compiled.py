@@ -1,34 +1,34 @@
 """Compiled decoding on the CPU: one sequence's one-token steps through torch.compile (optional).
 
 Why: decoding one sequence multiplies one row by every weight matrix, so a step can go no faster than the
-weights stream from memory (the roofline: memory bandwidth / bytes of weights). With max-autotune and frozen
-weights, inductor generates C++ kernels of its own for each weight shape (AVX-512 micro-kernels; AVX512-BF16
-for bf16), times them against the ATen kernel once, and keeps the faster. Those stream weights closer to the
-memory's speed than the best eager kernel (oneDNN's on packed weights, llama31/cpu/packed.py), so one
-sequence decodes faster; docs/benchmarks.md measures both against the roofline.
-
-INT4 models compile too: each Int4Linear calls our INT4 CPU kernel (llama31/quant/cpu_int4.py, a torch custom
-op that inductor calls as it is; torch's int4 op where ours cannot run), and what a step does besides its
-matrix products (norms, RoPE, attention over the cache, SwiGLU, the residual adds: about a sixth of an INT4 step
-when each is its own eager call) runs as a few fused C++ loops called from C++ (cpp_wrapper).
+weights stream from memory (the roofline: memory bandwidth / bytes of weights). The matrix products are our
+kernels, called by the compiled step as they are: float32 and bf16 layers our matrix-vector kernel
+(llama31/cpu/gemv.py), INT4 layers our INT4 kernel (llama31/quant/cpu_int4.py; torch's int4 op where ours
+cannot run), and each layer's attention of the new token our decode-attention kernel (llama31/cpu/attention.py).
+What a step does besides (norms, RoPE, the cache writes, SwiGLU, the residual adds: a tenth or more of a step
+when each is its own eager call) runs as a few fused C++ loops, and the whole step is called from C++
+(cpp_wrapper), so that a step costs little more than streaming the weights; docs/benchmarks.md measures it
+against the roofline and against llama.cpp.
 
     decoder = CompiledDecoder(model)             # model: float32, bfloat16 or INT4, on the CPU, NOT packed
     decoder.setup_cache(1, max_seq_len)          # as model.setup_cache
     with torch.inference_mode():
         decoder(tokens, start_pos, last_only=True)   # as model(...): (1, 1) tokens run compiled, the rest eagerly
 
+The decoder gives the model those kernels (use_gemv, use_decode_kernel: module swaps, the same weights) where
+this CPU runs them (x86-64 with AVX512-BF16); elsewhere inductor computes the products itself, with max-autotune
+on frozen weights (its own C++ GEMM kernels timed against ATen's for every weight shape).
+
 What it costs:
-  * Memory: a second copy of the float weights. Freezing folds each weight into the compiled step as a
-    constant, re-laid out for its kernel; the model keeps its plain weights for the prompts (prefill), which run
-    eagerly. While compiling, about 3x the weights. INT4 weights are read where they are (no copy); an INT4
-    model's float output layer (the default for tied models) is copied like any float weight.
-  * Time: the first step compiles (mostly autotuning; inductor keeps its kernels and timings on disk, under
+  * Memory: nothing more where our kernels run: they read the model's own weights. Where inductor computes the
+    products, a second copy of the float weights (freezing folds each weight in as a constant, re-laid out for
+    its kernel), and about 3x the weights while compiling.
+  * Time: the first step compiles (tens of seconds; inductor keeps its kernels on disk, under
     /tmp/torchinductor_$USER, so later processes compile in seconds). A C++ compiler must be installed
-    (inductor calls g++). Autotuning times the kernels on the machine as it is at that moment: compiled while
-    other processes load the cores, it can keep slower kernels, and the disk cache keeps that choice; compile
-    on a quiet machine (delete the cache to tune again).
+    (inductor calls g++).
   * Scope: only one sequence's one-token steps are compiled. Prompts and batches of several sequences run the
-    model eagerly (plain F.linear, no packing): each further graph would hold a further copy of the weights.
+    model eagerly: up to 4 rows through the matrix-vector kernel, more through F.linear on the plain weights
+    (no packing).
   * The model is frozen at the first step: changes made to its weights or modules afterwards are not seen (the
     graph checks none of them, see _compiled_step). Build a new CompiledDecoder over a new model object after
     loading other weights.
@@ -47,6 +47,8 @@ import torch
 import torch._inductor.config  # noqa: F401  (torch._inductor.config.patch, below)
 from torch import nn
 
+from llama31.cpu.attention import use_decode_kernel
+from llama31.cpu.gemv import use_gemv
 from llama31.cpu.packed import PackedLinear
 from llama31.model import Transformer
 from llama31.model.norm import RMSNorm
@@ -54,7 +56,8 @@ from llama31.model.norm import RMSNorm
 # inductor settings of the compiled step, applied around each call (torch.compile's options= does not reach the
 # freezing pass), so nothing changes for other compiled code:
 #   freezing, max_autotune, max_autotune_gemm_backends: weights folded in as constants (what lets inductor re-lay
-#       them out for its kernels), and its own C++ GEMM kernels timed against ATen's for every weight shape;
+#       them out for its kernels), and its own C++ GEMM kernels timed against ATen's for every weight shape, for
+#       the products our kernels do not take (see the module doc);
 #   autotune_num_choices_displayed, max_autotune_report_choices_stats: without printing each timing;
 #   pattern_matcher off: inductor would swap decode_attention (llama31/model/attention.py) for ATen's fused
 #       flash-attention kernel, the one that attention.py avoids for a single query (several times slower for one
@@ -139,6 +142,8 @@ class CompiledDecoder:
         why = compile_unsupported(model) or _prepare_int4_layers(model)
         if why:
             raise ValueError(f"cannot compile the decode step: {why}")
+        use_gemv(model)  # our kernels where they run here (no-ops elsewhere), see the module doc
+        use_decode_kernel(model)
         self.model = model
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
         self._step = _compiled_step(model)
