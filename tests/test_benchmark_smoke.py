@@ -68,6 +68,7 @@ def test_benchmark_runs_on_the_tiny_preset_and_writes_its_results(tmp_path):
 def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
     import torch
 
+    from llama31.cpu import gemv
     from llama31.cpu.packed import packing_supported
 
     can_pack = packing_supported(torch.zeros(1, 1)) is None
@@ -81,7 +82,8 @@ def test_gemv_benchmark_runs_and_reports_every_kernel_against_a_read(tmp_path):
     assert set(report["shapes"]) == {"256x512", "512x256"}
     for shape in report["shapes"].values():
         assert shape["MiB"] >= 31  # 32 MiB of copies: the quick run still walks more than the L2 holds
-        expected = {"F.linear", "torch.mv", "inductor"} | ({"oneDNN packed"} if can_pack else set())
+        expected = ({"F.linear", "torch.mv", "inductor"} | ({"oneDNN packed"} if can_pack else set())
+                    | ({"llama31 gemv"} if gemv.unsupported() is None else set()))
         assert expected <= set(shape["kernels"])
         assert all(k["GBps"] > 0 and k["fraction_of_read"] > 0 for k in shape["kernels"].values())
 
@@ -148,5 +150,9 @@ def test_decode_attention_benchmark_times_both_formulas_against_a_read():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("T ")]
     assert [int(row.split()[1]) for row in rows] == [64, 256]
+    from llama31.cpu import attention
+
+    kernel = attention.unsupported() is None  # our kernel is timed too where it runs
     for row in rows:
-        assert row.count(" GB/s") == 3 and "decode_attention" in row and "q k^T" in row and "read" in row
+        assert row.count(" GB/s") == 3 + kernel and "decode_attention" in row and "q k^T" in row and "read" in row
+        assert ("kernel" in row) == kernel

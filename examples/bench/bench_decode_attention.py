@@ -10,6 +10,8 @@ over one set of caches per layer (16 layers of the Llama 3.2 1B shape: 32 query 
 
     decode_attention   llama31/model/attention.py: scores = (k q^T)^T, the keys the left operand
     q k^T              the same formula with scores = q k^T (a transposed cache view as the right operand)
+    kernel             our decode-attention kernel (llama31/cpu/attention.py; where this CPU runs it), what
+                       compiled decoding calls
     read               torch.amax over the same keys and values (the bytes alone)
 
 Reported: the median over --reps of a pass over all layers, in ms and GB/s of cache read, and each formula's
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from llama31.cpu import attention as kernel
 from llama31.model.attention import decode_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +55,8 @@ def bench_context(context: int, layers: int, n_heads: int, n_kv_heads: int, head
     calls = {
         "decode_attention": lambda: [decode_attention(q, k, v) for q, (k, v) in zip(queries, views)],
         "q k^T": lambda: [q_kt_attention(q, k, v) for q, (k, v) in zip(queries, views)],
+        **({"kernel": lambda: [kernel.decode_attention(q, k, v) for q, (k, v) in zip(queries, views)]}
+           if kernel.unsupported() is None else {}),
         "read": lambda: [(k.amax(), v.amax()) for k, v in views],
     }
     return time_against_read(calls, nbytes, reps)

@@ -11,14 +11,16 @@ stream from memory: that is the roofline examples/bench/benchmark.py judges deco
 close each available kernel comes, shape by shape. For each shape it builds enough copies to fill --megabytes
 (24x a 32 MiB L3 by default: none is served from the cache) and walks them in turn, as a model walks its layers:
 
-  oneDNN packed   llama31's PackedLinear: oneDNN's layout for one row (the CPU default)
+  llama31 gemv    our matrix-vector kernel (llama31/cpu/gemv.py), on the plain weights: what compiled decoding
+                  (Llama(compile=True), generate.py --compile) multiplies with where the CPU has AVX512-BF16
+  oneDNN packed   llama31's PackedLinear: oneDNN's layout for one row (the eager CPU default)
   MKL packed      torch.ops.mkl._mkl_linear on an MKL-packed weight (what torch.compile uses for fp32 linears;
                   fp32 only)
   F.linear        what HF transformers and llama31 with pack=False run
   torch.mv        the plain BLAS matrix-vector product
   inductor        (--inductor) the copies as one module under torch.compile with the options of
                   llama31/cpu/compiled.py (frozen weights, max-autotune: inductor's C++ GEMM kernels timed against
-                  ATen's), what Llama(compile=True) and generate.py --compile decode with
+                  ATen's), what compiled decoding multiplies with where our kernel cannot run
 
 Each kernel's walk is bracketed by two walks of amax over the same plain matrices, their bytes read as float32
 (a reduction: a plain read of the same bytes, in the same order); the kernel is reported as GB/s and as a
@@ -41,6 +43,7 @@ import torch
 import torch._inductor.config  # noqa: F401  (its patch, for --inductor)
 import torch.nn.functional as F
 
+from llama31.cpu import gemv
 from llama31.cpu.packed import PackedLinear, packing_supported
 
 SHAPES = [  # (name, out_features, in_features) of the Llama 3.2 1B shape
@@ -73,6 +76,8 @@ def kernels(weights: list[torch.Tensor], inductor: bool = False) -> dict:
     x = torch.randn(1, weights[0].shape[1], dtype=weights[0].dtype)
     out = {"F.linear": [lambda w=w: F.linear(x, w) for w in weights],
            "torch.mv": [lambda w=w: torch.mv(w, x[0]) for w in weights]}
+    if gemv.unsupported() is None:
+        out["llama31 gemv"] = [lambda w=w: gemv.matmul(x, w) for w in weights]
     if packing_supported(weights[0]) is None:
         packed = [PackedLinear(w) for w in weights]
         out["oneDNN packed"] = [lambda layer=layer: layer(x) for layer in packed]
