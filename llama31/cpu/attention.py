@@ -14,9 +14,7 @@ where it would call two matrix products and a softmax. Needs an x86-64 CPU with 
 
 from __future__ import annotations
 
-import functools
 import math
-import platform
 from pathlib import Path
 
 import torch
@@ -30,21 +28,13 @@ def _decode_shape(q, k, v, scale):
 
 
 _kernels = CppKernels("llama31_attention_cpu", Path(__file__).parent / "csrc" / "decode_attention.cpp",
-                      "decode attention keeps ATen's matrix products", fakes={"decode": _decode_shape})
+                      "decode attention keeps ATen's matrix products", needs="AVX512-BF16",
+                      fakes={"decode": _decode_shape})
 
 
-@functools.lru_cache(maxsize=None)
 def unsupported() -> str | None:
     """None if the kernel runs on this machine, else why not (a sentence for an error message)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"it is written for x86-64 CPUs, this is {platform.machine()}"
-    try:
-        _kernels.load()
-    except Exception as error:
-        return f"the kernel could not be built ({error}); set LLAMA31_VERBOSE_BUILD=1 to see the build"
-    if not torch.ops.llama31_attention_cpu.supported():
-        return "this CPU lacks AVX512-BF16"
-    return None
+    return _kernels.unsupported()
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,6 @@ compiler: the first use compiles the kernel (seconds, cached under ~/.cache/torc
 
 from __future__ import annotations
 
-import functools
-import platform
 from pathlib import Path
 
 import torch
@@ -41,22 +39,13 @@ def _mm_shape(x, weight):
 
 
 _kernels = CppKernels("llama31_gemv_cpu", Path(__file__).parent / "csrc" / "gemv.cpp",
-                      "linear layers keep F.linear", fakes={"mm": _mm_shape})
+                      "linear layers keep F.linear", needs="AVX512-BF16", fakes={"mm": _mm_shape})
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernel multiplies (x and W alike)
 
 
-@functools.lru_cache(maxsize=None)
 def unsupported() -> str | None:
     """None if the kernel runs on this machine, else why not (a sentence for an error message)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"it is written for x86-64 CPUs, this is {platform.machine()}"
-    try:
-        _kernels.load()
-    except Exception as error:
-        return f"the kernel could not be built ({error}); set LLAMA31_VERBOSE_BUILD=1 to see the build"
-    if not torch.ops.llama31_gemv_cpu.supported():
-        return "this CPU lacks AVX512-BF16"
-    return None
+    return _kernels.unsupported()
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

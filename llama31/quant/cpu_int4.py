@@ -22,7 +22,6 @@ Zen 4) and a C++ compiler: the first call compiles the kernels (seconds; torch c
 from __future__ import annotations
 
 import functools
-import platform
 from pathlib import Path
 
 import torch
@@ -41,26 +40,18 @@ def _mm_shape(x, weight_packed, weight_scale, zero_scale, group_size, int8_activ
 
 
 _kernels = CppKernels("llama31_int4_cpu", SOURCE, "INT4 layers use torch's int4 op instead (slower decoding)",
-                      fakes={"mm": _mm_shape})
+                      needs="AVX512-BF16 or AVX512-VNNI", fakes={"mm": _mm_shape})
 load_extension = _kernels.load  # compile (first call) and load as torch.ops.llama31_int4_cpu
 
 
 @functools.lru_cache(maxsize=None)  # asked on every forward: answered once per shape
 def unsupported(in_features: int, group_size: int) -> str | None:
     """None if the kernels run here for a layer of this shape, else why not (a sentence for an error)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"it is written for x86-64 CPUs, this is {platform.machine()}"
     if in_features % 128:
         return f"it needs in_features divisible by 128, got {in_features}"
     if group_size not in (32, 64) and group_size % 128:
         return f"it needs a group size of 32, 64 or a multiple of 128, got {group_size}"
-    try:
-        load_extension()
-    except Exception as error:
-        return f"the kernels could not be built ({error}); set LLAMA31_VERBOSE_BUILD=1 to see the build"
-    if not torch.ops.llama31_int4_cpu.supported():
-        return "this CPU lacks AVX512-BF16 or AVX512-VNNI"
-    return None
+    return _kernels.unsupported()
 
 
 def _mm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor, zero_scale: torch.Tensor | None,
