@@ -59,6 +59,8 @@ MEASURED = (
     ("llama31 INT4, INT4 output, W4A8",  "int4o", 43.88, 0.61),
     # run D, the same day, median of 5: "INT4, compiled (run D)"
     ("llama31 INT4, INT4 output, compiled", "int4o", 49.36, 0.68),
+    # run E1, the same day, median of 4: "Our kernels inside the compiled step (run E)"
+    ("llama31 bf16 compiled, our kernels", "bf16", 14.38, 0.89),
 )
 # ---------------------------------------------------------------------------------------------------------
 
@@ -335,7 +337,8 @@ def decode_roofline(out: Path) -> Path:
     markers = {"llama31": "o", "HF": "s", "compiled": "*"}
     # where each point's label goes (offset in points, alignment), so that points at one bandwidth stay legible
     label_place = {"llama31 bf16": ((-7, 4), "right", "bottom"),
-                   "llama31 INT4, INT4 output": ((-7, -3), "right", "top")}
+                   "llama31 INT4, INT4 output": ((-7, -3), "right", "top"),
+                   "llama31 bf16 compiled, our kernels": ((-9, -3), "right", "top")}
     for label, line, tok_s, fraction in MEASURED:
         gbps = tok_s * step_bytes[line] / fraction / 1e9
         roof = gbps * 1e9 / step_bytes[line]
