@@ -47,14 +47,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def use_decode_kernel(model: nn.Module) -> int:
     """Give every attention layer of ``model`` the kernel as its decode_attention, where it can run: on the CPU,
-    float32 or bfloat16, head_dim a multiple of 32. Returns how many layers took it (0: unsupported() says why,
-    or the model is not one of those)."""
+    float32 or bfloat16, head_dim a multiple of 32, at most 16 query heads per kv head. Returns how many layers
+    took it (0: unsupported() says why, or the model is not one of those)."""
     from llama31.model.attention import Attention
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     weight = next(model.parameters())
     if (unsupported() or not layers or weight.device.type != "cpu"
-            or weight.dtype not in (torch.float32, torch.bfloat16) or layers[0].head_dim % 32):
+            or weight.dtype not in (torch.float32, torch.bfloat16) or layers[0].head_dim % 32
+            or layers[0].n_heads > 16 * layers[0].n_kv_heads):
         return 0
     for layer in layers:
         layer.decode_attention = decode_attention
