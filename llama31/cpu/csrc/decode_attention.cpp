@@ -24,6 +24,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -97,7 +98,8 @@ struct Dot<c10::BFloat16> {
 };
 
 LLAMA31_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-LLAMA31_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {  // round to nearest even, as c10::BFloat16
+// round to nearest even, as c10::BFloat16 does (vcvtneps2bf16 would flush subnormals to zero)
+LLAMA31_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
@@ -106,53 +108,45 @@ LLAMA31_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {  // round to ne
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
 }
 
-struct Views {  // element strides of (batch, head, position); the last dimension is contiguous
-  int64_t b, h, t;
-};
+// 16-lane mask of the first `count` (0..16) lanes
+inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
 
-// one kv head g of batch row b: its n_rep queries -> their outputs
+// one kv head: its n_rep queries (q, rows q_stride apart) over its len keys and values (rows k_stride, v_stride
+// apart) -> out (n_rep, hd), contiguous; s: room for the n_rep x len scores
 template <typename T>
-LLAMA31_AVX512 void one_group(const T* q, Views qs, const T* k, Views ks, const T* v, Views vs, T* out, int64_t b,
-                              int64_t g, int64_t n_rep, int64_t len, int64_t hd, float scale, std::vector<float>& s) {
+LLAMA31_AVX512 void one_group(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v,
+                              int64_t v_stride, T* out, int64_t n_rep, int64_t len, int64_t hd, float scale,
+                              std::vector<float>& s) {
   s.resize(static_cast<size_t>(n_rep * len));
-  const T* kg = k + b * ks.b + g * ks.h;
-  const T* vg = v + b * vs.b + g * vs.h;
-  // scores, 16 positions at a time
-  int64_t t0 = 0;
-  for (; t0 + 16 <= len; t0 += 16) {
+  // scores s[r, t] = scale * q_r . k_t, 16 positions at a time (the last block masked)
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t count = std::min<int64_t>(16, len - t0);
     for (int64_t r = 0; r < n_rep; ++r) {
-      const T* qr = q + b * qs.b + (g * n_rep + r) * qs.h;
       __m512 lanes[16];
-      for (int i = 0; i < 16; ++i) lanes[i] = Dot<T>::lanes(qr, kg + (t0 + i) * ks.t, hd);
-      _mm512_storeu_ps(s.data() + r * len + t0, _mm512_mul_ps(hsum16(lanes), _mm512_set1_ps(scale)));
+      for (int i = 0; i < 16; ++i)
+        lanes[i] = i < count ? Dot<T>::lanes(q + r * q_stride, k + (t0 + i) * k_stride, hd) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(s.data() + r * len + t0, first(count),
+                            _mm512_mul_ps(hsum16(lanes), _mm512_set1_ps(scale)));
     }
   }
-  for (; t0 < len; ++t0)
-    for (int64_t r = 0; r < n_rep; ++r) {
-      const T* qr = q + b * qs.b + (g * n_rep + r) * qs.h;
-      s[r * len + t0] = _mm512_reduce_add_ps(Dot<T>::lanes(qr, kg + t0 * ks.t, hd)) * scale;
-    }
-  // softmax of each query's row, in place
+  // softmax of each query's row, in place; 1 / its sum kept for the end
   float inv_sum[kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) {
     float* row = s.data() + r * len;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + t));
-    float m = _mm512_reduce_max_ps(mx);
-    for (; t < len; ++t) m = std::max(m, row[t]);
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    __m512 mx = minus_inf;
+    for (int64_t t = 0; t < len; t += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(minus_inf, first(std::min<int64_t>(16, len - t)), row + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
-    for (t = 0; t + 16 <= len; t += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + t), _mm512_set1_ps(m)));
-      _mm512_storeu_ps(row + t, e);
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 valid = first(std::min<int64_t>(16, len - t));
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + t), m);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(x));  // lanes past len add nothing
+      _mm512_mask_storeu_ps(row + t, valid, e);
       sum = _mm512_add_ps(sum, e);
     }
-    float total = _mm512_reduce_add_ps(sum);
-    for (; t < len; ++t) {
-      row[t] = std::exp(row[t] - m);
-      total += row[t];
-    }
-    inv_sum[r] = 1.0f / total;
+    inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // out_r = sum_t p[r, t] v_t, 64 columns of head_dim at a time (4 x n_rep accumulators)
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
@@ -161,7 +155,7 @@ LLAMA31_AVX512 void one_group(const T* q, Views qs, const T* k, Views ks, const 
     for (int64_t r = 0; r < n_rep; ++r)
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; ++t) {
-      const T* vt = vg + t * vs.t + d0;
+      const T* vt = v + t * v_stride + d0;
       __m512 vv[4];
       for (int c = 0; c < chunks; ++c) vv[c] = load16(vt + 16 * c);
       for (int64_t r = 0; r < n_rep; ++r) {
@@ -171,8 +165,27 @@ LLAMA31_AVX512 void one_group(const T* q, Views qs, const T* k, Views ks, const 
     }
     for (int64_t r = 0; r < n_rep; ++r)
       for (int c = 0; c < chunks; ++c)
-        store16(out + ((g * n_rep + r) * hd) + d0 + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[r])));
+        store16(out + r * hd + d0 + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[r])));
   }
+}
+
+// every (batch row, kv head) as one task: each reads its keys and values once
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, float scale) {
+  const int64_t n_heads = q.size(1), n_kv = k.size(1), n_rep = n_heads / n_kv, len = k.size(2), hd = q.size(3);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, q.size(0) * n_kv, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_kv, g = task % n_kv;  // batch row b, kv head g: query heads g*n_rep ..
+      one_group<T>(qp + b * q.stride(0) + g * n_rep * q.stride(1), q.stride(1),
+                   kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
+                   v.stride(2), op + (b * n_heads + g * n_rep) * hd, n_rep, len, hd, scale, scores);
+    }
+  });
 }
 
 bool decode_attention_supported() {
@@ -180,8 +193,6 @@ bool decode_attention_supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
 }
-
-Views views(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2)}; }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
@@ -202,23 +213,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "decode attention: the last dimension of q, k and v must be contiguous");
   at::Tensor out = at::empty({bs, n_heads, 1, hd}, q.options());
-  const int64_t n_rep = n_heads / n_kv;
-  const float s = static_cast<float>(scale);
-  // one task per (batch row, kv head): each reads its keys and values once
-  at::parallel_for(0, bs * n_kv, 1, [&](int64_t begin, int64_t end) {
-    static thread_local std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_kv, g = task % n_kv;
-      if (q.scalar_type() == at::kFloat) {
-        one_group<float>(q.data_ptr<float>(), views(q), k.data_ptr<float>(), views(k), v.data_ptr<float>(),
-                         views(v), out.data_ptr<float>() + b * n_heads * hd, b, g, n_rep, len, hd, s, scores);
-      } else {
-        one_group<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), views(q), k.data_ptr<c10::BFloat16>(), views(k),
-                                 v.data_ptr<c10::BFloat16>(), views(v),
-                                 out.data_ptr<c10::BFloat16>() + b * n_heads * hd, b, g, n_rep, len, hd, s, scores);
-      }
-    }
-  });
+  if (q.scalar_type() == at::kFloat) run<float>(q, k, v, out, static_cast<float>(scale));
+  else run<c10::BFloat16>(q, k, v, out, static_cast<float>(scale));
   return out;
 }
 
