@@ -11,7 +11,8 @@ What it does
     llama31 with Transformer.from_pretrained (which on a CPU packs the linear weights for oneDNN, as users get
     it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains;
     llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
-    llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights),
+    llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights,
+    batches of up to 4 rows through llama31/cpu/gemv.py's kernel),
     HF with LlamaForCausalLM.from_pretrained (its default "sdpa" attention), in the same dtype. INT4 (llama31 and
     llama31-compile) is the bf16 model quantized round-to-nearest with group size 128, bf16 activations; --dtypes
     int4o is the same with the output layer INT4 too (Llama.build(int4_output=True): a tied model's output layer gets
