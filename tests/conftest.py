@@ -77,3 +77,19 @@ def demo_folder(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LLAMA31_CACHE", str(tmp_path_factory.mktemp("llama31_cache")))
         return demo.demo_checkpoint()
+
+
+def memory_flags(tensor) -> list[str]:
+    """The kernel's flags for the memory region holding ``tensor``'s first byte (Linux /proc/self/smaps VmFlags:
+    'hg' = asked for huge pages with madvise), read independently of how the memory was allocated."""
+    address = tensor.data_ptr()
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no memory region of this process holds address {address:#x}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, memory_flags
 
 from llama31 import Llama, Transformer
 from llama31.cpu.compiled import CompiledDecoder
@@ -115,6 +115,22 @@ def test_compiled_int4_decodes_the_tokens_of_the_int4_reference_path(demo_folder
     # rounding boundary by half a bf16 ulp. That moves the log-probs less than rounding every activation does
     # (eager against the reference)
     assert max(abs(a - b) for a, b in zip(fast.logprobs, eager.logprobs)) <= to_reference
+
+
+def test_compiled_steps_read_the_weights_and_caches_from_huge_page_memory(compiled):
+    """CompiledDecoder moves the model's large tensors (here the 128256 x 256 embedding, which the tied output
+    layer reads every step) and each KV cache of at least 2 MiB into memory that asks for 2 MiB pages
+    (llama31/cpu/hugepages.py), seen in the kernel's flags for the region."""
+    from llama31.cpu import hugepages
+
+    if hugepages.unsupported():
+        pytest.skip(f"no transparent huge pages here: {hugepages.unsupported()}")
+    llama, _ = compiled
+    assert "hg" in memory_flags(llama.model.tok_embeddings.weight)
+    llama.decoder.setup_cache(16, 1024)  # 16 x 2 kv heads x 1025 x 32 x 4 bytes = 4.0 MiB per layer's k, v
+    cache = llama.model.layers[0].attention.cache
+    assert cache.k.nbytes >= hugepages.PAGE_BYTES and "hg" in memory_flags(cache.k) and "hg" in memory_flags(cache.v)
+    llama.decoder.clear_cache()
 
 
 def test_what_cannot_be_compiled_is_refused_by_name(hf_folder):

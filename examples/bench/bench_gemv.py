@@ -4,7 +4,7 @@
     python examples/bench/bench_gemv.py --dtype bf16          the same in bfloat16
     python examples/bench/bench_gemv.py --quick               seconds: small shapes, 32 MiB (used by the tests)
     python examples/bench/bench_gemv.py --inductor            also inductor's own kernels (compiles each shape first)
-    THP_MEM_ALLOC_ENABLE=1 python examples/bench/bench_gemv.py    the same with 2 MiB pages (a torch setting)
+    THP_MEM_ALLOC_ENABLE=1 python examples/bench/bench_gemv.py    every tensor in 2 MiB pages (a torch setting)
 
 Decoding one token multiplies one row by every weight matrix, y = W x, so it can go no faster than the weights
 stream from memory: that is the roofline examples/bench/benchmark.py judges decoding against. This script shows how
@@ -13,6 +13,8 @@ close each available kernel comes, shape by shape. For each shape it builds enou
 
   llama31 gemv    our matrix-vector kernel (llama31/cpu/gemv.py), on the plain weights: what compiled decoding
                   (Llama(compile=True), generate.py --compile) multiplies with where the CPU has AVX512-BF16
+  gemv 2M pages   the same kernel on copies of the weights in 2 MiB pages (llama31/cpu/hugepages.py), where
+                  compiled decoding keeps them; against the read of the weights in torch's 4 KiB pages
   oneDNN packed   llama31's PackedLinear: oneDNN's layout for one row (the eager CPU default)
   MKL packed      torch.ops.mkl._mkl_linear on an MKL-packed weight (what torch.compile uses for fp32 linears;
                   fp32 only)
@@ -43,7 +45,7 @@ import torch
 import torch._inductor.config  # noqa: F401  (its patch, for --inductor)
 import torch.nn.functional as F
 
-from llama31.cpu import gemv
+from llama31.cpu import gemv, hugepages
 from llama31.cpu.packed import PackedLinear, packing_supported
 
 SHAPES = [  # (name, out_features, in_features) of the Llama 3.2 1B shape
@@ -78,6 +80,9 @@ def kernels(weights: list[torch.Tensor], inductor: bool = False) -> dict:
            "torch.mv": [lambda w=w: torch.mv(w, x[0]) for w in weights]}
     if gemv.unsupported() is None:
         out["llama31 gemv"] = [lambda w=w: gemv.matmul(x, w) for w in weights]
+        huge = [hugepages.copy_to_huge_pages(w) for w in weights]
+        if all(h is not w for h, w in zip(huge, weights)):  # not where unsupported or under one 2 MiB page
+            out["gemv 2M pages"] = [lambda h=h: gemv.matmul(x, h) for h in huge]
     if packing_supported(weights[0]) is None:
         packed = [PackedLinear(w) for w in weights]
         out["oneDNN packed"] = [lambda layer=layer: layer(x) for layer in packed]
@@ -120,7 +125,7 @@ def bench_shape(n: int, k: int, megabytes: int, reps: int, dtype: torch.dtype = 
     # amax reaches 39 and a bf16 amax, which converts every value, about 19).
     reads = [w.view(torch.float32).amax for w in weights]
     found = kernels(weights, inductor)
-    huge = huge_page_mib()  # with THP_MEM_ALLOC_ENABLE=1, the weights and their packed copies
+    huge = huge_page_mib()  # the copies of "gemv 2M pages"; with THP_MEM_ALLOC_ENABLE=1, every large tensor
     rates = {name: [] for name in found}
     fractions = {name: [] for name in found}
     names = list(found)
@@ -176,8 +181,8 @@ def main(argv=None) -> int:
         for kernel, r in sorted(shape["kernels"].items(), key=lambda item: -item[1]["GBps"]):
             print(f"{name:<26} {kernel:<14} {r['GBps']:>6.1f} {r['fraction_of_read']:>8.0%}", flush=True)
     most = max((s["huge_page_MiB"] or 0) for s in results["shapes"].values())
-    print(f"memory in 2 MiB pages while measuring: up to {most} MiB (THP_MEM_ALLOC_ENABLE=1 puts torch's large "
-          "tensors there)")
+    print(f"memory in 2 MiB pages while measuring: up to {most} MiB (the copies of 'gemv 2M pages', and with "
+          "THP_MEM_ALLOC_ENABLE=1 every large tensor)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

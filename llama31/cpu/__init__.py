@@ -4,6 +4,8 @@
                   (pack_weights; Transformer.from_pretrained and Llama.build do it by default on the CPU)
     gemv.py       GemvLinear: our matrix-vector kernel (csrc/gemv.cpp) for decode steps, on the plain weights
     attention.py  our kernel for one new token's attention over the KV cache (csrc/decode_attention.cpp)
+    hugepages.py  weights (and KV caches) in 2 MiB pages, which a kernel that keeps up with the memory reads
+                  faster
     compiled.py   CompiledDecoder: one sequence's decode steps through torch.compile (Llama(compile=True)),
                   with the two kernels above inside the graph
     extension.py  how the C++ kernels are built on first use

@@ -17,7 +17,9 @@ against the roofline and against llama.cpp.
 
 The decoder gives the model those kernels (use_gemv, use_decode_kernel: module swaps, the same weights) where
 this CPU runs them (x86-64 with AVX512-BF16); elsewhere inductor computes the products itself, with max-autotune
-on frozen weights (its own C++ GEMM kernels timed against ATen's for every weight shape).
+on frozen weights (its own C++ GEMM kernels timed against ATen's for every weight shape). It also moves the
+weights and the KV caches into memory in 2 MiB pages (use_huge_pages, llama31/cpu/hugepages.py: the same
+tensors, new memory), which a kernel that keeps up with the memory reads faster than 4 KiB pages.
 
 What it costs:
   * Memory: nothing more where our kernels run: they read the model's own weights. Where inductor computes the
@@ -49,6 +51,7 @@ from torch import nn
 
 from llama31.cpu.attention import use_decode_kernel
 from llama31.cpu.gemv import use_gemv
+from llama31.cpu.hugepages import copy_to_huge_pages, use_huge_pages
 from llama31.cpu.packed import PackedLinear
 from llama31.model import Transformer
 from llama31.model.norm import RMSNorm
@@ -142,6 +145,7 @@ class CompiledDecoder:
         why = compile_unsupported(model) or _prepare_int4_layers(model)
         if why:
             raise ValueError(f"cannot compile the decode step: {why}")
+        use_huge_pages(model)  # in place: the tensors prepare_compiled fixed see the new memory
         use_gemv(model)  # our kernels where they run here (no-ops elsewhere), see the module doc
         use_decode_kernel(model)
         self.model = model
@@ -153,6 +157,9 @@ class CompiledDecoder:
         the whole cache would be a special case for torch.compile (a second graph, a second copy of the weights)."""
         max_seq_len = max_seq_len or self.model.args.max_seq_len
         self.model.setup_cache(max_batch_size, min(max_seq_len + 1, self.model.args.max_seq_len))
+        for layer in self.model.layers:  # a step reads the whole cache so far, as it reads the weights
+            cache = layer.attention.cache
+            cache.k, cache.v = copy_to_huge_pages(cache.k), copy_to_huge_pages(cache.v)
 
     def clear_cache(self) -> None:
         self.model.clear_cache()

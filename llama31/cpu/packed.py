@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llama31.cpu.hugepages import use_huge_pages
+
 # Layers with fewer weights stay nn.Linear: a oneDNN call costs several times F.linear's fixed overhead, which
 # outweighs its faster streaming on small matrices (2^19 float32 weights = 2 MiB, about a core's L2 cache).
 PACK_MIN_WEIGHTS = 1 << 19
@@ -169,30 +171,10 @@ def pack_as_asked(model: nn.Module, pack: bool | None) -> None:
         return
     packed = pack_weights(model) if pack is None else pack_weights(model, min_weights=0, required=True)
     if packed:
-        own_remaining_weights(model)
-
-
-@torch.no_grad()
-def own_remaining_weights(model: nn.Module) -> None:
-    """Copy every plain (unpacked) parameter and buffer into memory of its own.
-
-    Weights read in the checkpoint's own dtype are views of the memory-mapped file (no copy at load). Packing
-    reads every page of that mapping, and the mapping stays open, its pages counted in the process's memory, as
-    long as any tensor still views it: the embedding, the norms (and INT4 tensors), which stay plain. Copying
-    those (the embedding: vocab_size x dim; shared parameters stay shared) lets the file be unmapped.
-    """
-    copies: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if not param.is_mkldnn:
-                if id(param) not in copies:
-                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-                setattr(module, name, copies[id(param)])
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if not buffer.is_mkldnn:
-                if id(buffer) not in copies:
-                    copies[id(buffer)] = buffer.clone()
-                module._buffers[name] = copies[id(buffer)]
+        # packing read every page of the weights, which are views of the checkpoint's memory-mapped file when
+        # loaded in its dtype; the plain tensors (embedding, norms, INT4) still view it: a copy of each lets the
+        # file be unmapped
+        use_huge_pages(model)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
