@@ -119,3 +119,30 @@ def test_a_model_that_viewed_its_checkpoint_file_no_longer_maps_it(hf_folder):
     assert not mapped()
     with torch.no_grad():
         assert torch.equal(model(tokens), before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's memory (Linux)")
+def test_the_replaced_tensors_memory_goes_back_to_the_system():
+    """Tensors of a few MiB live in malloc's heap once its mmap threshold has grown; freed, glibc would keep them
+    for reuse, counted in the process's memory. After use_huge_pages the process holds one copy of the weights,
+    not two. Run in a fresh process, whose heap this test controls."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from torch import nn
+from llama31.cpu import hugepages
+def rss(): return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+torch.ones(4 << 20)  # 16 MiB, freed at once: that raises glibc's mmap threshold, and what follows is heap
+model = nn.Module()
+for i in range(64):
+    model.register_buffer(f"b{i}", torch.ones(1 << 20))  # 4 MiB each, 256 MiB in all
+top = torch.ones(1 << 18)  # kept: the freed blocks lie below it, where glibc does not trim on its own
+before = rss()
+hugepages.use_huge_pages(model)
+print(before, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    before, after = map(int, out.split())
+    assert after <= before + 32, f"{before} MiB before, {after} MiB after: the old copies were kept"

@@ -19,6 +19,7 @@ when it finds no free 2 MiB of physical memory; the tensor works the same either
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 from collections import Counter
@@ -92,4 +93,16 @@ def use_huge_pages(module: nn.Module) -> int:
         else:
             moved += tensor.nbytes
         tensor.data = copy
+    _return_freed_memory()
     return moved
+
+
+def _return_freed_memory() -> None:
+    """Give the memory of the tensors just replaced back to the system. glibc's malloc keeps freed blocks below
+    its mmap threshold (which grows to 32 MiB as large blocks are freed) for reuse, still counted in the
+    process's memory; malloc_trim(0) returns them. Elsewhere (no glibc) nothing happens."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
