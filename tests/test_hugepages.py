@@ -33,6 +33,7 @@ def test_empty_is_zero_filled_page_aligned_and_asks_for_huge_pages():
     assert t.data_ptr() % hugepages.PAGE_BYTES == 0
     assert "hg" in memory_flags(t)
     assert not t.any()
+    assert hugepages.empty((0, 3), torch.float32).shape == (0, 3)  # no memory to map
 
 
 @needs_huge_pages

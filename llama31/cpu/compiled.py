@@ -22,7 +22,8 @@ weights and the KV caches into memory in 2 MiB pages (use_huge_pages, llama31/cp
 tensors, new memory), which a kernel that keeps up with the memory reads faster than 4 KiB pages.
 
 What it costs:
-  * Memory: nothing more where our kernels run: they read the model's own weights. Where inductor computes the
+  * Memory: nothing more where our kernels run: they read the model's own weights (moved into 2 MiB pages
+    one tensor at a time, in place). Where inductor computes the
     products, a second copy of the float weights (freezing folds each weight in as a constant, re-laid out for
     its kernel), and about 3x the weights while compiling.
   * Time: the first step compiles (tens of seconds; inductor keeps its kernels on disk, under

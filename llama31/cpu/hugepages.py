@@ -3,9 +3,10 @@
 Why: a decode step reads every weight once. The CPU translates each address through its TLB, a cache of a few
 thousand page-table entries: with the usual 4 KiB pages a read through gigabytes of weights misses it every
 4 KiB and walks the page table (in a virtual machine, two page tables); with 2 MiB pages it misses every 2 MiB.
-llama.cpp gets large pages without asking: it maps its GGUF file, and the kernel keeps the file's page cache in
-large pages. torch allocates in 4 KiB pages (unless THP_MEM_ALLOC_ENABLE=1 is set before torch starts), so
-use_huge_pages moves the tensors into memory that asks the kernel for 2 MiB pages (madvise MADV_HUGEPAGE).
+llama.cpp can get large pages without asking: it maps its GGUF file, and recent kernels keep a file's page cache
+in large folios where the filesystem supports them. torch allocates in 4 KiB pages (unless
+THP_MEM_ALLOC_ENABLE=1 is set before torch starts), so use_huge_pages moves the tensors into memory that asks
+the kernel for 2 MiB pages (madvise MADV_HUGEPAGE).
 
     moved = use_huge_pages(model)   # the model's CPU parameters and buffers, in place: bytes in 2 MiB pages
     t = empty((4096, 4096), torch.bfloat16)   # a new tensor in such memory (zero-filled)
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PAGE_BYTES = 2 << 20  # one huge page; smaller tensors are left where they are
+PAGE_BYTES = 2 << 20  # one huge page; smaller tensors stay in torch's memory
 _MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -49,6 +50,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor of ``shape`` and ``dtype`` whose memory starts on a 2 MiB boundary and asks for
     2 MiB pages. Its memory is returned to the system when the tensor (every view of it) is freed."""
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
     # private anonymous memory (a shared mapping would be shmem, which follows another setting), one page more
     # than needed so that the tensor can start on a page boundary
     region = mmap.mmap(-1, nbytes + PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
