@@ -80,6 +80,28 @@ def test_gemv_linear_sends_the_kernel_only_its_products(monkeypatch):
     assert calls == [(1, 1, 96), (4, 96)] and x.grad is not None
 
 
+def test_float32_prompts_run_onednn_on_the_plain_weight(monkeypatch):
+    """More than MAX_ROWS float32 rows go through oneDNN's linear kernel on the layer's own weight (F.linear's
+    float32 kernel is several times slower on AMD CPUs), with float32 sums: within the float32 summation bound of
+    the exact product, as F.linear is."""
+    if not gemv._HAS_ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear op")
+    torch.manual_seed(1)
+    layer = GemvLinear.from_linear(nn.Linear(2048, 300, bias=False))
+    calls = []
+    takes = GemvLinear._onednn_takes
+    monkeypatch.setattr(GemvLinear, "_onednn_takes", lambda self, x: calls.append(x.shape) or takes(self, x))
+    monkeypatch.setattr(gemv, "matmul", lambda x, w: pytest.fail("a prompt reached the kernel"))
+    x = torch.randn(2, 9, 2048)
+    with torch.no_grad():
+        got = layer(x)
+    assert calls == [(2, 9, 2048)] and got.shape == (2, 9, 300) and got.dtype == torch.float32
+    exact, bound = _bound(x, layer.weight.detach())
+    assert ((got.double() - exact).abs() <= bound).all()
+    with torch.no_grad():
+        assert takes(layer, x) and not takes(layer, x.bfloat16())  # bf16 prompts keep F.linear
+
+
 def test_use_gemv_keeps_checkpoints_and_tied_weights(hf_folder):
     folder, _ = hf_folder(seed=5, intermediate_size=256, tie_word_embeddings=True)
     model = Transformer.from_pretrained(folder, dtype=torch.bfloat16, pack=False)

@@ -30,8 +30,8 @@ What it costs:
     /tmp/torchinductor_$USER, so later processes compile in seconds). A C++ compiler must be installed
     (inductor calls g++).
   * Scope: only one sequence's one-token steps are compiled. Prompts and batches of several sequences run the
-    model eagerly: up to 4 rows through the matrix-vector kernel, more through F.linear on the plain weights
-    (no packing).
+    model eagerly: up to 4 rows through the matrix-vector kernel, more through oneDNN's kernel (float32) or
+    F.linear (bf16) on the plain weights (no packing; see gemv.py).
   * The model is frozen at the first step: changes made to its weights or modules afterwards are not seen (the
     graph checks none of them, see _compiled_step). Build a new CompiledDecoder over a new model object after
     loading other weights.

@@ -11,10 +11,12 @@ float32), the result in the weights' dtype (only the order of the additions diff
 
     y = x W^T    x: (..., in_features)   W: (out_features, in_features)   y: (..., out_features)
 
-A GemvLinear is an nn.Linear: up to MAX_ROWS rows of x (a decode step) go through the kernel; more rows (a
-prompt, where F.linear's blocked kernels do better), other dtypes or devices, or a product that needs a gradient
-go through F.linear. Compiled decoding (compiled.py) swaps a model's layers for these, so its compiled step reads
-the weights where they are, with no second, re-laid-out copy and no kernel to autotune.
+A GemvLinear is an nn.Linear: up to MAX_ROWS rows of x (a decode step) go through the kernel. More rows (a
+prompt, where blocked matrix-matrix kernels do better) go through oneDNN's linear kernel on the plain weight in
+float32 (F.linear's fp32 kernel, MKL's, runs at well under half its speed on AMD CPUs) and through F.linear in
+bf16; other dtypes or devices, or a product that needs a gradient, through F.linear. Compiled decoding
+(compiled.py) swaps a model's layers for these, so its compiled step reads the weights where they are, with no
+second, re-laid-out copy and no kernel to autotune.
 
 Needs an x86-64 CPU with AVX512-BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD since Zen 4) and a C++
 compiler: the first use compiles the kernel (seconds, cached under ~/.cache/torch_extensions).
@@ -41,6 +43,7 @@ def _mm_shape(x, weight):
 _kernels = CppKernels("llama31_gemv_cpu", Path(__file__).parent / "csrc" / "gemv.cpp",
                       "linear layers keep F.linear", needs="AVX512-BF16", fakes={"mm": _mm_shape})
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernel multiplies (x and W alike)
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def unsupported() -> str | None:
@@ -73,6 +76,10 @@ class GemvLinear(nn.Linear):
         """x: (..., in_features) -> (..., out_features)."""
         if self._takes(x):
             return matmul(x, self.weight)
+        if self._onednn_takes(x):
+            rows = x.reshape(-1, self.in_features)  # (n, in_features)
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def _takes(self, x: torch.Tensor) -> bool:
@@ -81,6 +88,13 @@ class GemvLinear(nn.Linear):
         rows = x.numel() // self.in_features
         return (rows <= MAX_ROWS and x.dtype == self.weight.dtype and x.dtype in DTYPES
                 and x.device.type == "cpu" and self.weight.device.type == "cpu" and self.bias is None
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+    def _onednn_takes(self, x: torch.Tensor) -> bool:
+        """Whether this product (not one for the kernel) runs oneDNN's kernel: float32 on the CPU, no bias, no
+        gradient, and a torch with oneDNN's linear op."""
+        return (x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
+                and self.weight.device.type == "cpu" and self.bias is None and _HAS_ONEDNN_LINEAR
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
     def extra_repr(self) -> str:
