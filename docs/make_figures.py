@@ -49,18 +49,16 @@ REPO = Path(__file__).resolve().parent.parent
 MEASURED = (
     ("llama31 fp32",            "fp32",  6.04,  0.83),  # "Side by side with HF transformers", decode b1
     ("HF fp32",                 "fp32",  3.88,  0.55),  # "Side by side with HF transformers"
-    ("llama31 fp32 compiled",   "fp32", 10.18,  0.90),  # "Compiled decoding", run A
     ("llama31 bf16",            "bf16", 10.4,   0.46),  # "Side by side with HF transformers"
     ("HF bf16",                 "bf16",  5.26,  0.22),  # "Side by side with HF transformers"
-    ("llama31 bf16 compiled",   "bf16", 16.27,  0.75),  # "Compiled decoding", run B
     ("llama31 INT4 g128",       "int4", 17.8,   0.53),  # "Side by side with HF transformers"
     # run of 2026-12-02, median of 5: "The fastest path of each precision against llama.cpp", run C
     ("llama31 INT4, INT4 output",        "int4o", 42.86, 0.60),
     ("llama31 INT4, INT4 output, W4A8",  "int4o", 43.88, 0.61),
-    # run D, the same day, median of 5: "INT4, compiled (run D)"
-    ("llama31 INT4, INT4 output, compiled", "int4o", 49.36, 0.68),
-    # run E1, the same day, median of 4: "Our kernels inside the compiled step (run E)"
-    ("llama31 bf16 compiled, our kernels", "bf16", 14.38, 0.89),
+    # runs G1 and G2, the same day, median of 4: "Weights in 2 MiB pages (run G)"
+    ("llama31 fp32 compiled, our kernels", "fp32", 11.23, 0.92),
+    ("llama31 bf16 compiled, our kernels", "bf16", 17.98, 0.92),
+    ("llama31 INT4, INT4 output, compiled", "int4o", 53.59, 0.72),
 )
 # ---------------------------------------------------------------------------------------------------------
 
@@ -338,7 +336,7 @@ def decode_roofline(out: Path) -> Path:
     # where each point's label goes (offset in points, alignment), so that points at one bandwidth stay legible
     label_place = {"llama31 bf16": ((-7, 4), "right", "bottom"),
                    "llama31 INT4, INT4 output": ((-7, -3), "right", "top"),
-                   "llama31 bf16 compiled, our kernels": ((-9, -3), "right", "top")}
+                   "llama31 bf16 compiled, our kernels": ((-9, 6), "right", "bottom")}
     for label, line, tok_s, fraction in MEASURED:
         gbps = tok_s * step_bytes[line] / fraction / 1e9
         roof = gbps * 1e9 / step_bytes[line]
