@@ -89,17 +89,18 @@ def test_float32_prompts_run_onednn_on_the_plain_weight(monkeypatch):
     torch.manual_seed(1)
     layer = GemvLinear.from_linear(nn.Linear(2048, 300, bias=False))
     calls = []
-    takes = GemvLinear._onednn_takes
-    monkeypatch.setattr(GemvLinear, "_onednn_takes", lambda self, x: calls.append(x.shape) or takes(self, x))
+    path = GemvLinear._path
+    monkeypatch.setattr(GemvLinear, "_path", lambda self, x: calls.append((x.shape, path(self, x))) or path(self, x))
     monkeypatch.setattr(gemv, "matmul", lambda x, w: pytest.fail("a prompt reached the kernel"))
     x = torch.randn(2, 9, 2048)
     with torch.no_grad():
         got = layer(x)
-    assert calls == [(2, 9, 2048)] and got.shape == (2, 9, 300) and got.dtype == torch.float32
+    assert calls == [((2, 9, 2048), "oneDNN")] and got.shape == (2, 9, 300) and got.dtype == torch.float32
     exact, bound = _bound(x, layer.weight.detach())
     assert ((got.double() - exact).abs() <= bound).all()
     with torch.no_grad():
-        assert takes(layer, x) and not takes(layer, x.bfloat16())  # bf16 prompts keep F.linear
+        bf16 = GemvLinear.from_linear(nn.Linear(2048, 300, bias=False, dtype=torch.bfloat16))
+        assert path(bf16, x.bfloat16()) == "F.linear"  # bf16 prompts keep F.linear
 
 
 def test_use_gemv_keeps_checkpoints_and_tied_weights(hf_folder):

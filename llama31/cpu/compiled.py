@@ -50,9 +50,9 @@ import torch
 import torch._inductor.config  # noqa: F401  (torch._inductor.config.patch, below)
 from torch import nn
 
+from llama31.cpu import hugepages
 from llama31.cpu.attention import use_decode_kernel
 from llama31.cpu.gemv import use_gemv
-from llama31.cpu.hugepages import copy_to_huge_pages, use_huge_pages
 from llama31.cpu.packed import PackedLinear
 from llama31.model import Transformer
 from llama31.model.norm import RMSNorm
@@ -146,7 +146,7 @@ class CompiledDecoder:
         why = compile_unsupported(model) or _prepare_int4_layers(model)
         if why:
             raise ValueError(f"cannot compile the decode step: {why}")
-        use_huge_pages(model)  # in place: the tensors prepare_compiled fixed see the new memory
+        hugepages.use_huge_pages(model)  # in place: the tensors prepare_compiled fixed see the new memory
         use_gemv(model)  # our kernels where they run here (no-ops elsewhere), see the module doc
         use_decode_kernel(model)
         self.model = model
@@ -159,8 +159,9 @@ class CompiledDecoder:
         max_seq_len = max_seq_len or self.model.args.max_seq_len
         self.model.setup_cache(max_batch_size, min(max_seq_len + 1, self.model.args.max_seq_len))
         for layer in self.model.layers:  # a step reads the whole cache so far, as it reads the weights
-            cache = layer.attention.cache
-            cache.k, cache.v = copy_to_huge_pages(cache.k), copy_to_huge_pages(cache.v)
+            cache = layer.attention.cache  # new and zero: zero-filled huge-page memory replaces it, no copy
+            cache.k, cache.v = (hugepages.empty(t.shape, t.dtype) if hugepages.worth_moving(t) else t
+                                for t in (cache.k, cache.v))
 
     def clear_cache(self) -> None:
         self.model.clear_cache()

@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 
 class CppKernels:
     def __init__(self, name: str, source: Path, fallback: str, needs: str, fakes: dict[str, Callable] | None = None):
@@ -41,8 +43,6 @@ class CppKernels:
             self.load()
         except Exception as error:
             return f"they could not be built ({error}); set LLAMA31_VERBOSE_BUILD=1 to see the build"
-        import torch
-
         if not getattr(torch.ops, self.name).supported():
             return f"this CPU lacks {self.needs}"
         return None
@@ -62,8 +62,6 @@ class CppKernels:
                  extra_ldflags=["-fopenmp"], is_python_module=False,
                  verbose=verbose or bool(os.environ.get("LLAMA31_VERBOSE_BUILD")))
             for op, fake in self.fakes.items():
-                import torch
-
                 torch.library.register_fake(f"{self.name}::{op}", fake)
             self.loaded = True
         except Exception as error:

@@ -74,28 +74,27 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        if self._takes(x):
+        path = self._path(x)
+        if path == "gemv":
             return matmul(x, self.weight)
-        if self._onednn_takes(x):
+        if path == "oneDNN":
             rows = x.reshape(-1, self.in_features)  # (n, in_features)
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")  # (n, out_features)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
-    def _takes(self, x: torch.Tensor) -> bool:
-        """Whether this product is one for the kernel (checks of shapes and dtypes alone, so torch.compile
-        traces them as constants of the graph)."""
-        rows = x.numel() // self.in_features
-        return (rows <= MAX_ROWS and x.dtype == self.weight.dtype and x.dtype in DTYPES
-                and x.device.type == "cpu" and self.weight.device.type == "cpu" and self.bias is None
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-
-    def _onednn_takes(self, x: torch.Tensor) -> bool:
-        """Whether this product (not one for the kernel) runs oneDNN's kernel: float32 on the CPU, no bias, no
-        gradient, and a torch with oneDNN's linear op."""
-        return (x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.device.type == "cpu" and self.bias is None and _HAS_ONEDNN_LINEAR
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+    def _path(self, x: torch.Tensor) -> str:
+        """Which kernel multiplies x: "gemv", "oneDNN" or "F.linear" (see the module doc). Checks of shapes and
+        dtypes alone, so torch.compile traces them as constants of the graph."""
+        if not (x.dtype == self.weight.dtype and x.device.type == self.weight.device.type == "cpu"
+                and self.bias is None
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return "F.linear"
+        if x.numel() // self.in_features <= MAX_ROWS and x.dtype in DTYPES:
+            return "gemv"
+        if x.dtype == torch.float32 and _HAS_ONEDNN_LINEAR:
+            return "oneDNN"
+        return "F.linear"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel=gemv up to {MAX_ROWS} rows"

@@ -21,6 +21,7 @@ when it finds no free 2 MiB of physical memory; the tensor works the same either
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 from collections import Counter
@@ -35,14 +36,19 @@ _MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def unsupported() -> str | None:
     """None if this system gives huge pages on request, else why not (a sentence)."""
+    return _why_not(_MODE_FILE)
+
+
+@functools.lru_cache(maxsize=None)  # asked for every tensor: the setting is read once
+def _why_not(mode_file: Path) -> str | None:
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return "this system has no transparent huge pages (a Linux feature)"
     try:
-        mode = _MODE_FILE.read_text()
+        mode = mode_file.read_text()
     except OSError as error:
-        return f"cannot read {_MODE_FILE} ({error})"
+        return f"cannot read {mode_file} ({error})"
     if "[never]" in mode:
-        return f"transparent huge pages are off ({_MODE_FILE} says {mode.strip()!r})"
+        return f"transparent huge pages are off ({mode_file} says {mode.strip()!r})"
     return None
 
 
@@ -61,11 +67,16 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(region, dtype=dtype, count=math.prod(shape), offset=-start % PAGE_BYTES).view(shape)
 
 
+def worth_moving(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` can and should live in huge-page memory: a contiguous strided CPU tensor (oneDNN's
+    packed weights are opaque) of at least PAGE_BYTES, on a system that gives huge pages (unsupported())."""
+    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_mkldnn
+            and tensor.nbytes >= PAGE_BYTES and tensor.is_contiguous() and unsupported() is None)
+
+
 def copy_to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` in huge-page memory, or ``tensor`` itself where that cannot or need not be: smaller
-    than PAGE_BYTES, not a contiguous strided CPU tensor (oneDNN's packed weights are opaque), or unsupported()."""
-    if (tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.is_mkldnn
-            or tensor.nbytes < PAGE_BYTES or not tensor.is_contiguous() or unsupported()):
+    """A copy of ``tensor`` in huge-page memory, or ``tensor`` itself where it is not worth_moving."""
+    if not worth_moving(tensor):
         return tensor
     with torch.no_grad():
         return empty(tuple(tensor.shape), tensor.dtype).copy_(tensor)
