@@ -1,14 +1,16 @@
 // Weights on the CPU, for decoding: y = x @ W.T for a few rows of x (1 to 4), x and W both float32 or both
 // bfloat16, y in their dtype from float32 sums (what F.linear computes; only the order of the additions differs).
 //
-// Decoding one token streams every weight once, so this product is fast when it reads W at the memory's speed.
-// Each thread takes one contiguous range of W's rows and reads it front to back, one row after the other: a
-// single stream, which the hardware prefetcher follows best (interleaving the rows of a tile, four streams per
-// thread, measured slower), helped by a software prefetch a fixed distance ahead. Per 64-byte load of a row
-// (16 float32 or 32 bf16 weights) one instruction per row of x: an FMA, or vdpbf16ps (AVX512-BF16: 32 exact
-// products summed pairwise into 16 float32 lanes). The sums along a row go to kChains independent
-// accumulators, so the adds do not wait on each other's latency (one chain would cap a core below the memory's
-// speed). Columns past the last full load are read with a masked load, so any in_features works.
+// Decoding one token streams every weight once, so this product is fast when it reads W at the memory's speed. Each
+// thread takes one contiguous range of W's rows and reads it front to back, one row after the other: a single
+// stream, which the hardware prefetcher follows best (interleaving the rows of a tile, four streams per thread,
+// measured slower). For one or two rows of x the hardware prefetcher alone keeps up, and a software prefetch costs
+// 7-10% when the memory is fast (above ~70 GB/s); from three rows on, the arithmetic per load delays the loads, and
+// a software prefetch a fixed distance ahead keeps the stream going (without it, four rows read a third slower). Per
+// 64-byte load of a row (16 float32 or 32 bf16 weights) one instruction per row of x: an FMA, or vdpbf16ps
+// (AVX512-BF16: 32 exact products summed pairwise into 16 float32 lanes). The sums along a row go to kChains
+// independent accumulators, so the adds do not wait on each other's latency (one chain would cap a core below the
+// memory's speed). Columns past the last full load are read with a masked load, so any in_features works.
 //
 // Needs AVX512F/BW and AVX512-BF16 at run time (gemv_supported); the functions are compiled for them by target
 // attributes, so the file builds with any x86-64 g++ and no -march flag.
@@ -29,6 +31,7 @@ namespace {
 
 constexpr int kMaxRowsX = 4;              // rows of x per pass over W (the layer sends at most this many)
 constexpr int kChains = 4;                // accumulators per row of x
+constexpr int kPrefetchFromRowsX = 3;     // software prefetch when x has this many rows or more (see above)
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of the loads the software prefetch reads
 
 #define LLAMA31_AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -76,7 +79,8 @@ LLAMA31_AVX512 void rows(const typename D::T* x, const typename D::T* w, int64_t
     for (; b + kChains * kBlock <= full; b += kChains * kBlock) {
       for (int c = 0; c < kChains; ++c) {
         const typename D::T* at = row + b + c * kBlock;
-        _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
+        if constexpr (M >= kPrefetchFromRowsX)
+          _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
         for (int i = 0; i < M; ++i) acc[i][c] = D::add(acc[i][c], at, x + i * k + b + c * kBlock);
       }
     }
