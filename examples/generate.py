@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk", type=int, help="prefill the prompt N tokens at a time through the KV "
                                                           "cache (bounds the memory of one forward on long prompts; "
                                                           "default: the whole prompt at once)")
-    parser.add_argument("--no-pack", action="store_true", help="keep the linear weights plain (nn.Linear); by "
-                        "default on a CPU the large ones are packed for oneDNN (llama31/cpu/packed.py): faster "
+    parser.add_argument("--no-pack", action="store_true", help="keep the linear layers plain (nn.Linear); by "
+                        "default on a CPU the large ones get a faster kernel (llama31/cpu/defaults.py): faster "
                         "decoding, the same numbers to float rounding")
     parser.add_argument("--compile", action="store_true", help="decode one sequence's steps through torch.compile "
                         "(CPU: float32, bfloat16, --int4; llama31/cpu/compiled.py): faster steps for a compile at the "

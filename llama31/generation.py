@@ -21,7 +21,7 @@ import torch
 
 from llama31 import parallel
 from llama31.checkpoints.load import check_device, check_dtype
-from llama31.cpu.packed import pack_as_asked
+from llama31.cpu.defaults import choose_kernels
 from llama31.errors import InputError, InputTypeError, check_bool, check_int
 from llama31.model import Transformer
 from llama31.sampling import check_sampling, sample
@@ -131,8 +131,8 @@ class Llama:
         w4a8: the INT4 layers multiply with activations rounded to int8 per block of 32 (Int4Linear backend
         "cpu_w4a8", llama31/quant/cpu_int4.py; a CPU with AVX512-VNNI), as llama.cpp's Q4_0 does: a further
         rounding of x, no faster than the default W4A16 kernel where the memory sets the pace (docs/benchmarks.md).
-        pack: the linear weights in oneDNN's layout for CPU inference; None, False, True as in
-        Transformer.from_pretrained (None: the layers that gain from it; with compile, None means False).
+        pack: which CPU kernel the linear layers get; None, False, True as in Transformer.from_pretrained
+        (None: the fastest for each dtype; with compile, None means False: the compiled step picks its own).
         compile: compiled decode steps (see __init__; llama31/cpu/compiled.py).
         Under torchrun (several processes) the model is split across them (llama31.parallel); call
         llama31.parallel.close() at the end.
@@ -177,7 +177,7 @@ class Llama:
         if compile and pack:
             raise ValueError("compile=True needs plain weights (the compiled step lays them out itself); "
                              "pass pack=None or False")
-        pack_as_asked(model, False if compile else pack)
+        choose_kernels(model, False if compile else pack)
         tokenizer = Tokenizer(tokenizer_path, checkpoint_dir=ckpt_dir)
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "

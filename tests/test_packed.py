@@ -8,9 +8,6 @@ packed kernel give the same numbers, 1.7e-4 to 3.2e-3 (the output is rounded to 
 K = 13 rows have little cancellation): 2^-7 = 7.8e-3. A wrong layout or a dropped block errs by O(1).
 """
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -149,19 +146,6 @@ def test_pack_required_on_a_model_that_cannot_be_packed_is_an_error():
 
 
 @needs_packing
-def test_from_pretrained_packs_only_the_layers_big_enough_to_gain(hf_folder):
-    # dim 128, hidden 4096: w1 / w3 / w2 have 2^19 weights, wq 2^14
-    folder, _ = hf_folder(seed=0, hidden_size=128, intermediate_size=4096, num_attention_heads=4,
-                          num_key_value_heads=2)
-    model = Transformer.from_pretrained(folder)
-    block = model.layers[0]
-    assert is_packed(block.feed_forward.w1) and is_packed(block.feed_forward.w2)
-    assert type(block.attention.wq) is torch.nn.Linear
-    assert not any(is_packed(m) for m in Transformer.from_pretrained(folder, pack=False).modules())
-    assert not any(type(m) is torch.nn.Linear for m in Transformer.from_pretrained(folder, pack=True).modules())
-
-
-@needs_packing
 def test_gradients_flow_to_the_input_of_a_packed_layer():
     w = weight(24, 10, torch.float32)
     layer = PackedLinear(w)
@@ -173,29 +157,3 @@ def test_gradients_flow_to_the_input_of_a_packed_layer():
     # below a wrong or missing gradient (O(1))
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
     assert not layer.weight.requires_grad  # a packed weight is not trained
-
-
-@needs_packing
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory map (Linux)")
-def test_a_packed_model_does_not_keep_its_checkpoint_file_mapped(hf_folder):
-    """Plain weights in the file's dtype are views of the mmapped safetensors file; once the linears are packed,
-    the embedding and norms are copied so that the file (all of whose pages packing read) is unmapped."""
-    import gc
-
-    folder, _ = hf_folder(seed=0, hidden_size=128, intermediate_size=4096, num_attention_heads=4,
-                          num_key_value_heads=2, tie_word_embeddings=True)
-
-    def mapped(model) -> bool:
-        gc.collect()
-        return str(folder) in Path("/proc/self/maps").read_text()
-
-    plain = Transformer.from_pretrained(folder, dtype=torch.float32, pack=False)  # the file holds float32
-    assert mapped(plain)  # the check can fail: plain weights are views of the file
-    del plain
-    assert not mapped(None)
-    packed = Transformer.from_pretrained(folder, dtype=torch.float32)
-    assert is_packed(packed.layers[0].feed_forward.w1) and not mapped(packed)
-    plain_again = Transformer.from_pretrained(folder, dtype=torch.float32, pack=False)
-    with torch.no_grad():
-        tokens = torch.randint(0, 100, (1, 9))
-        torch.testing.assert_close(packed(tokens), plain_again(tokens), rtol=0, atol=1e-4)

@@ -8,8 +8,9 @@
 What it does
   * Builds a random Llama 3.1-architecture model of --preset (weights ~ N(0, 0.02) from a fixed seed, bf16)
     and saves it ONCE as an HF folder under --cache-dir; later runs reuse it. Both engines load that folder:
-    llama31 with Transformer.from_pretrained (which on a CPU packs the linear weights for oneDNN, as users get
-    it; --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what the packing gains;
+    llama31 with Transformer.from_pretrained (which on a CPU gives the large linear layers faster kernels, as
+    users get it: float32 our matrix-vector kernel, bf16 oneDNN's packed layout, llama31/cpu/defaults.py;
+    --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what those kernels gain;
     llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
     llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights,
     batches of up to 4 rows through llama31/cpu/gemv.py's kernel),
@@ -259,17 +260,18 @@ class Llama31Engine:
 
         tokenizer = Tokenizer()  # only for Llama's pad id; loaded before the baseline RSS is taken
         self.baseline = take_baseline_rss()
-        # as users load it: from_pretrained packs the large linear weights on a CPU (pack=None), or not (False)
+        # as users load it: from_pretrained gives the large linear layers its default CPU kernels (pack=None,
+        # llama31/cpu/defaults.py), or not (False)
         pack_option = None if pack and not compile else False
         if dtype in INT4_DTYPES:  # as Llama.build(int4_group_size=..., int4_output=...): quantize, then pack
-            from llama31.cpu.packed import pack_as_asked
+            from llama31.cpu.defaults import choose_kernels
             from llama31.quant import quantize_model
 
             model = Transformer.from_pretrained(folder, dtype=torch.bfloat16, pack=False)
             quantize_output, w4a8 = INT4_DTYPES[dtype]
             model = quantize_model(model, int4_group_size(model.args), quantize_output=quantize_output,
                                    backend="cpu_w4a8" if w4a8 else None)
-            pack_as_asked(model, pack_option)
+            choose_kernels(model, pack_option)
             gc.collect()
         else:
             model = Transformer.from_pretrained(folder, dtype=DTYPES[dtype], pack=pack_option)
@@ -916,7 +918,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "int4o-w4a8: int4o with int8 activations (W4A8), and Q4_0; default fp32, "
                              "bf16, int4)")
     parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
-                        help="comma-separated, from: llama31 (as from_pretrained loads it: packed weights on a CPU), "
+                        help="comma-separated, from: llama31 (as from_pretrained loads it: its default CPU kernels), "
                              "llama31-plain (pack=False: F.linear), llama31-compile (batch-1 decode steps through "
                              "torch.compile: llama31/cpu/compiled.py), hf, llama.cpp (GGUF files of the same "
                              "weights, through llama-cpp-python) (default: llama31,hf)")

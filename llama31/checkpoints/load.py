@@ -23,7 +23,7 @@ from llama31 import parallel
 from llama31.checkpoints.hf import HFCheckpoint, is_hf_folder
 from llama31.checkpoints.meta import MetaCheckpoint, is_meta_folder
 from llama31.config import HF_KEYS, META_KEYS, ModelArgs
-from llama31.cpu.packed import pack_as_asked
+from llama31.cpu.defaults import choose_kernels
 from llama31.errors import InputError, InputTypeError, check_int
 
 log = logging.getLogger("llama31")
@@ -58,9 +58,11 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
     dtype: of the weights (None: float32). device: where they go (None: CPU).
     max_seq_len: shorten the model's context (it sizes the RoPE tables; the default is the checkpoint's).
     progress: called as progress(bytes_loaded, bytes_total) after each tensor.
-    pack: swap the linear layers for ones whose weights are in oneDNN's layout, for faster CPU decoding
-    (llama31/cpu/packed.py). None: the layers that gain from it (CPU, float32 / bfloat16, one process, at least
-    2^19 weights); False: none; True: every layer that can be packed, and ValueError if none can.
+    pack: which kernel the linear layers get, for faster CPU decoding (llama31/cpu/defaults.py). None: the
+    fastest for each dtype, on the layers that gain from it (CPU, float32 / bfloat16, one process, at least 2^19
+    weights): float32 our matrix-vector kernel on the plain weights (llama31/cpu/gemv.py, CPUs with AVX512-BF16),
+    bf16 (and float32 elsewhere) oneDNN's packed layout (llama31/cpu/packed.py); True: oneDNN's packed layout for
+    every layer that can be packed, and ValueError if none can; False: plain nn.Linear.
     layers: how projections are built (llama31.model.layers). None: plain, or INT4 for a quantized checkpoint,
     or, when started by torchrun with several processes, llama31.parallel.ParallelLayers (this sets up the
     process group); each process then reads only its slice of every weight.
@@ -79,7 +81,7 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, mode
     world_size = layers.model_parallel_size if layers is not None else 1
     if world_size == 1:
         model = _load_pretrained(path, dtype, device, model_class, layers, max_seq_len, progress)
-        pack_as_asked(model, pack)
+        choose_kernels(model, pack)
         return model
     if pack:
         raise ValueError(f"pack=True: a model split over {world_size} processes (fairscale layers) is not packed; "

@@ -1,7 +1,8 @@
 """CPU speed, applied from outside the model (the model core in llama31/model/ is the formula alone).
 
-    packed.py     PackedLinear: linear weights in oneDNN's blocked layout, swapped in after loading
-                  (pack_weights; Transformer.from_pretrained and Llama.build do it by default on the CPU)
+    defaults.py   which of the two below each linear layer gets on loading (Transformer.from_pretrained and
+                  Llama.build, by default on the CPU: the `pack` option)
+    packed.py     PackedLinear: linear weights in oneDNN's blocked layout, swapped in after loading (pack_weights)
     gemv.py       GemvLinear: our matrix-vector kernel (csrc/gemv.cpp) for decode steps, on the plain weights
     attention.py  our kernel for one new token's attention over the KV cache (csrc/decode_attention.cpp)
     hugepages.py  weights (and KV caches) in 2 MiB pages, which a kernel that keeps up with the memory reads

@@ -14,9 +14,10 @@ float32), the result in the weights' dtype (only the order of the additions diff
 A GemvLinear is an nn.Linear: up to MAX_ROWS rows of x (a decode step) go through the kernel. More rows (a
 prompt, where blocked matrix-matrix kernels do better) go through oneDNN's linear kernel on the plain weight in
 float32 (F.linear's fp32 kernel, MKL's, runs at well under half its speed on AMD CPUs) and through F.linear in
-bf16; other dtypes or devices, or a product that needs a gradient, through F.linear. Compiled decoding
-(compiled.py) swaps a model's layers for these, so its compiled step reads the weights where they are, with no
-second, re-laid-out copy and no kernel to autotune.
+bf16; other dtypes or devices, or a product that needs a gradient, through F.linear. A float32 model loaded on
+the CPU gets these layers by default (defaults.py), and compiled decoding (compiled.py) gives them to every float
+layer, so that its compiled step reads the weights where they are, with no second, re-laid-out copy and no
+kernel to autotune.
 
 Needs an x86-64 CPU with AVX512-BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD since Zen 4) and a C++
 compiler: the first use compiles the kernel (seconds, cached under ~/.cache/torch_extensions).
@@ -41,7 +42,7 @@ def _mm_shape(x, weight):
 
 
 _kernels = CppKernels("llama31_gemv_cpu", Path(__file__).parent / "csrc" / "gemv.cpp",
-                      "linear layers keep F.linear", needs="AVX512-BF16", fakes={"mm": _mm_shape})
+                      "linear layers keep torch's kernels", needs="AVX512-BF16", fakes={"mm": _mm_shape})
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernel multiplies (x and W alike)
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -101,14 +102,15 @@ class GemvLinear(nn.Linear):
 
 
 @torch.no_grad()
-def use_gemv(model: nn.Module) -> int:
-    """Swap every bias-free float32 or bf16 nn.Linear of ``model`` on the CPU for a GemvLinear (the same
-    parameters, tied ones stay tied). Returns how many were swapped; 0 where the kernel cannot run here
-    (unsupported() says why)."""
+def use_gemv(model: nn.Module, *, dtypes: tuple[torch.dtype, ...] = DTYPES, min_weights: int = 0) -> int:
+    """Swap every bias-free nn.Linear of ``model`` on the CPU whose weight is of one of ``dtypes`` (float32,
+    bf16) and has at least ``min_weights`` elements for a GemvLinear (the same parameters, tied ones stay tied).
+    Returns how many were swapped; 0 where the kernel cannot run here (unsupported() says why)."""
     if unsupported():
         return 0
     swaps = [(name, module) for name, module in model.named_modules()
-             if type(module) is nn.Linear and module.bias is None and module.weight.dtype in DTYPES
+             if type(module) is nn.Linear and module.bias is None and module.weight.dtype in dtypes
+             and module.weight.dtype in DTYPES and module.weight.numel() >= min_weights
              and module.weight.device.type == "cpu"]
     for name, linear in swaps:
         _set_submodule(model, name, GemvLinear.from_linear(linear))

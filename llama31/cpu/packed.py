@@ -9,7 +9,8 @@ other matmul kernel). docs/benchmarks.md has the measurements and the commands t
 
 The model never knows: packing is a module swap applied after loading, the way INT4 is.
 
-    model = Transformer.from_pretrained(path)   # on the CPU this packs by default (pack=False keeps nn.Linear)
+    model = Transformer.from_pretrained(path, dtype=torch.bfloat16)  # on the CPU bf16 packs by default
+                                                 # (defaults.py; pack=False keeps nn.Linear)
     pack_weights(model)                          # every large nn.Linear -> PackedLinear
     unpack_weights(model)                        # PackedLinear -> nn.Linear (to train, or change device/dtype)
 
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-from llama31.cpu.hugepages import use_huge_pages
 
 # Layers with fewer weights stay nn.Linear: a oneDNN call costs several times F.linear's fixed overhead, which
 # outweighs its faster streaming on small matrices (2^19 float32 weights = 2 MiB, about a core's L2 cache).
@@ -162,19 +161,6 @@ def unpack_weights(model: nn.Module) -> None:
     args = getattr(model, "args", None)
     if getattr(args, "tie_word_embeddings", False):
         model.output.weight = model.tok_embeddings.weight
-
-
-def pack_as_asked(model: nn.Module, pack: bool | None) -> None:
-    """The ``pack`` option of load_pretrained and Llama.build: None packs the layers that gain from it (at least
-    PACK_MIN_WEIGHTS weights), True every layer that can be packed (ValueError if none can), False none."""
-    if pack is False:
-        return
-    packed = pack_weights(model) if pack is None else pack_weights(model, min_weights=0, required=True)
-    if packed:
-        # packing read every page of the weights, which are views of the checkpoint's memory-mapped file when
-        # loaded in its dtype; the plain tensors (embedding, norms, INT4) still view it: a copy of each lets the
-        # file be unmapped
-        use_huge_pages(model)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -72,8 +72,8 @@ class Transformer(nn.Module):
         """Load a Meta folder (params.json + consolidated.NN.pth) or an HF folder (config.json + safetensors).
 
         dtype: of the weights (None: float32 for float checkpoints). The format found is reported in
-        ``model.checkpoint_info``. On the CPU the large linear weights are then packed for faster decoding
-        (llama31/cpu/packed.py; pack=False keeps nn.Linear). See llama31.checkpoints.load_pretrained for the
+        ``model.checkpoint_info``. On the CPU the large linear layers then get a faster kernel for decoding
+        (llama31/cpu/defaults.py; pack=False keeps nn.Linear). See llama31.checkpoints.load_pretrained for the
         other arguments. Started by torchrun with several processes, the model is split over them
         (llama31/parallel.py) and each process loads only its slice.
         """
