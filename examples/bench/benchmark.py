@@ -10,7 +10,8 @@ What it does
     and saves it ONCE as an HF folder under --cache-dir; later runs reuse it. Both engines load that folder:
     llama31 with Transformer.from_pretrained (which on a CPU gives the large linear layers faster kernels, as
     users get it: float32 our matrix-vector kernel, bf16 oneDNN's packed layout, llama31/cpu/defaults.py;
-    --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what those kernels gain;
+    --engines llama31-plain adds llama31 with pack=False, plain F.linear, to show what those kernels gain,
+    llama31-packed with pack=True, every layer in oneDNN's packed layout (the float32 default before ours);
     llama31-compile: pack=False with one-sequence decode steps through torch.compile, Llama(compile=True),
     llama31/cpu/compiled.py, compiled during the warm-up; its prompts and batched steps run eagerly on plain weights,
     batches of up to 4 rows through llama31/cpu/gemv.py's kernel),
@@ -86,11 +87,14 @@ from llama31.config import ModelArgs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # llama31's INT4 workers: (is the output layer INT4 too?, W4A8: activations rounded to int8, Llama.build(w4a8=True))
 INT4_DTYPES = {"int4": (False, False), "int4o": (True, False), "int4o-w4a8": (True, True)}
-# llama31: as users get it (Transformer.from_pretrained packs the linear weights for oneDNN on a CPU);
-# llama31-plain: pack=False, F.linear on plain weights (what the packing gains); llama31-compile: batch-1 decode
+# llama31: as users get it (Transformer.from_pretrained's default CPU kernels, llama31/cpu/defaults.py);
+# llama31-plain: pack=False, F.linear on plain weights (what those kernels gain); llama31-packed: pack=True, every
+# layer in oneDNN's packed layout (the float32 default before our kernel took over); llama31-compile: batch-1 decode
 # steps compiled (llama31/cpu/compiled.py; a second copy of the weights: run it with few other engines);
 # hf: transformers; llama.cpp: GGUF files of the same weights (F32, BF16, Q4_0), through llama-cpp-python.
-ENGINES = ("llama31", "llama31-plain", "llama31-compile", "hf", "llama.cpp")
+ENGINES = ("llama31", "llama31-plain", "llama31-packed", "llama31-compile", "hf", "llama.cpp")
+# the `pack` option each llama31 engine loads with
+PACK_OPTION = {"llama31": None, "llama31-plain": False, "llama31-packed": True, "llama31-compile": False}
 DEFAULT_ENGINES = ["llama31", "hf"]
 
 PRESETS = {
@@ -253,16 +257,15 @@ def weight_bytes_read(model) -> int:
 
 
 class Llama31Engine:
-    def __init__(self, folder: Path, dtype: str, pack: bool = True, compile: bool = False):
+    def __init__(self, folder: Path, dtype: str, pack: bool | None = None, compile: bool = False):
         from llama31.generation import Llama
         from llama31.model import Transformer
         from llama31.text import Tokenizer
 
         tokenizer = Tokenizer()  # only for Llama's pad id; loaded before the baseline RSS is taken
         self.baseline = take_baseline_rss()
-        # as users load it: from_pretrained gives the large linear layers its default CPU kernels (pack=None,
-        # llama31/cpu/defaults.py), or not (False)
-        pack_option = None if pack and not compile else False
+        # pack as from_pretrained takes it: None, as users load it (its default CPU kernels,
+        # llama31/cpu/defaults.py); False plain nn.Linear; True oneDNN's packed layout for every layer
         if dtype in INT4_DTYPES:  # as Llama.build(int4_group_size=..., int4_output=...): quantize, then pack
             from llama31.cpu.defaults import choose_kernels
             from llama31.quant import quantize_model
@@ -271,10 +274,10 @@ class Llama31Engine:
             quantize_output, w4a8 = INT4_DTYPES[dtype]
             model = quantize_model(model, int4_group_size(model.args), quantize_output=quantize_output,
                                    backend="cpu_w4a8" if w4a8 else None)
-            choose_kernels(model, pack_option)
+            choose_kernels(model, pack)
             gc.collect()
         else:
-            model = Transformer.from_pretrained(folder, dtype=DTYPES[dtype], pack=pack_option)
+            model = Transformer.from_pretrained(folder, dtype=DTYPES[dtype], pack=pack)
         model.eval()
         self.model, self.vocab = model, model.args.vocab_size
         self.llama = Llama(model, tokenizer, max_batch_size=64, compile=compile)
@@ -502,7 +505,7 @@ def worker(conn, engine: str, dtype: str, folder: str, threads: int, read_mib: i
         elif engine == "llama.cpp":
             runner = LlamaCppEngine(gguf_file(Path(folder), dtype), dtype, threads)
         else:
-            runner = Llama31Engine(Path(folder), dtype, pack=engine == "llama31", compile=engine == "llama31-compile")
+            runner = Llama31Engine(Path(folder), dtype, pack=PACK_OPTION[engine], compile=engine == "llama31-compile")
         gc.collect()
         conn.send({"baseline_rss": runner.baseline, "loaded_rss": rss(), "load_peak_rss": peak_rss(),
                    "weight_bytes": runner.weight_bytes()})
@@ -750,7 +753,7 @@ def summarise(opts, args: ModelArgs, results: dict, ops) -> dict:
         return statistics.median(ratios) if ratios else None
 
     pairs = [(f"{e} {d}", f"hf {d}") for d in ("fp32", "bf16") for e in ("llama31", "llama31-plain", "llama31-compile")]
-    pairs += [(f"llama31 {d}", f"llama31-plain {d}") for d in ("fp32", "bf16")]
+    pairs += [(f"llama31 {d}", f"llama31-{e} {d}") for d in ("fp32", "bf16") for e in ("plain", "packed")]
     pairs += [(f"llama31-compile {d}", f"llama31 {d}") for d in ("fp32", "bf16")]
     pairs += [(f"llama31 {q}", f"hf {d}") for q in INT4_DTYPES for d in ("fp32", "bf16")]
     pairs += [("llama31 int4o", "llama31 int4"), ("llama31 int4o-w4a8", "llama31 int4o")]
@@ -919,9 +922,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "bf16, int4)")
     parser.add_argument("--engines", type=names, default=DEFAULT_ENGINES,
                         help="comma-separated, from: llama31 (as from_pretrained loads it: its default CPU kernels), "
-                             "llama31-plain (pack=False: F.linear), llama31-compile (batch-1 decode steps through "
-                             "torch.compile: llama31/cpu/compiled.py), hf, llama.cpp (GGUF files of the same "
-                             "weights, through llama-cpp-python) (default: llama31,hf)")
+                             "llama31-plain (pack=False: F.linear), llama31-packed (pack=True: oneDNN's packed "
+                             "layout), llama31-compile (batch-1 decode steps through torch.compile: "
+                             "llama31/cpu/compiled.py), hf, llama.cpp (GGUF files of the same weights, through "
+                             "llama-cpp-python) (default: llama31,hf)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch threads in every engine (default {torch.get_num_threads()})")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
