@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 #
 #   label                       line    tok/s   fraction of roofline   where in docs/benchmarks.md
 MEASURED = (
-    ("llama31 fp32",            "fp32",  6.04,  0.83),  # "Side by side with HF transformers", decode b1
+    ("llama31 fp32, packed",    "fp32",  6.04,  0.83),  # "Side by side with HF transformers", decode b1
     ("HF fp32",                 "fp32",  3.88,  0.55),  # "Side by side with HF transformers"
     ("llama31 bf16",            "bf16", 10.4,   0.46),  # "Side by side with HF transformers"
     ("HF bf16",                 "bf16",  5.26,  0.22),  # "Side by side with HF transformers"
@@ -55,10 +55,12 @@ MEASURED = (
     # run of 2026-12-02, median of 5: "The fastest path of each precision against llama.cpp", run C
     ("llama31 INT4, INT4 output",        "int4o", 42.86, 0.60),
     ("llama31 INT4, INT4 output, W4A8",  "int4o", 43.88, 0.61),
-    # runs G1 and G2, the same day, median of 4: "Weights in 2 MiB pages (run G)"
-    ("llama31 fp32 compiled, our kernels", "fp32", 11.23, 0.92),
-    ("llama31 bf16 compiled, our kernels", "bf16", 17.98, 0.92),
-    ("llama31 INT4, INT4 output, compiled", "int4o", 53.59, 0.72),
+    # runs I2, I3 and I5 of 2026-12-03, median of 4: "Our kernel without its prefetch, and as the float32
+    # default (run I)"
+    ("llama31 fp32, our kernel (the default)", "fp32", 15.43, 0.94),
+    ("llama31 fp32 compiled, our kernels", "fp32", 16.06, 0.96),
+    ("llama31 bf16 compiled, our kernels", "bf16", 30.26, 0.91),
+    ("llama31 INT4, INT4 output, compiled", "int4o", 69.32, 0.57),
 )
 # ---------------------------------------------------------------------------------------------------------
 
@@ -323,7 +325,7 @@ def decode_roofline(out: Path) -> Path:
     args = ModelArgs.preset("llama3.2-1b").replace(max_seq_len=4096)  # the context does not change the weights
     step_bytes = bytes_per_token(args)
     n_params = sum(p.numel() for p in Transformer(args, device="meta").parameters())
-    bandwidth = torch.linspace(0, 70, 141)  # GB/s
+    bandwidth = torch.linspace(0, 90, 181)  # GB/s
 
     fig = _figure(7.6, 4.6)
     ax = fig.subplots()
@@ -335,8 +337,13 @@ def decode_roofline(out: Path) -> Path:
     markers = {"llama31": "o", "HF": "s", "compiled": "*"}
     # where each point's label goes (offset in points, alignment), so that points at one bandwidth stay legible
     label_place = {"llama31 bf16": ((-7, 4), "right", "bottom"),
+                   "HF fp32": ((-7, 6), "right", "bottom"),
+                   "llama31 INT4 g128": ((-7, 3), "right", "bottom"),
                    "llama31 INT4, INT4 output": ((-7, -3), "right", "top"),
-                   "llama31 bf16 compiled, our kernels": ((-9, 6), "right", "bottom")}
+                   "llama31 bf16 compiled, our kernels": ((-9, 6), "right", "bottom"),
+                   "llama31 fp32 compiled, our kernels": ((-9, 8), "right", "bottom"),
+                   "llama31 fp32, our kernel (the default)": ((-7, -6), "right", "top"),
+                   "llama31 INT4, INT4 output, compiled": ((-9, -4), "right", "top")}
     for label, line, tok_s, fraction in MEASURED:
         gbps = tok_s * step_bytes[line] / fraction / 1e9
         roof = gbps * 1e9 / step_bytes[line]
@@ -347,11 +354,11 @@ def decode_roofline(out: Path) -> Path:
         offset, ha, va = label_place.get(label, ((7, -3), "left", "top"))
         ax.annotate(f"{label}\n{tok_s:g} tok/s, {fraction:.0%} of roofline", (gbps, tok_s), xytext=offset,
                     textcoords="offset points", fontsize=7, ha=ha, va=va)
-    ax.plot([], [], "o", color="white", mec="black", label="measured: llama31 (packed)")
+    ax.plot([], [], "o", color="white", mec="black", label="measured: llama31 eager")
     ax.plot([], [], "*", ms=11, color="white", mec="black", label="measured: llama31 compiled")
     ax.plot([], [], "s", color="white", mec="black", label="measured: HF transformers")
-    ax.set_xlim(0, 70)
-    ax.set_ylim(0, 60)
+    ax.set_xlim(0, 90)
+    ax.set_ylim(0, 75)
     ax.set_xlabel("memory bandwidth read at the time (GB/s)")
     ax.set_ylabel("decode tokens/s, batch 1")
     ax.set_title(f"Decode roofline, Llama 3.2 1B shape ({n_params / 1e9:.2f} B parameters): "
