@@ -56,7 +56,7 @@ MEASURED = (
     ("llama31 INT4, INT4 output",        "int4o", 42.86, 0.60),
     ("llama31 INT4, INT4 output, W4A8",  "int4o", 43.88, 0.61),
     # runs I2, I3 and I5 of 2026-12-03, median of 4: "Our kernel without its prefetch, and as the float32
-    # default (run I)"
+    # default (runs I and J)"
     ("llama31 fp32, our kernel (the default)", "fp32", 15.43, 0.94),
     ("llama31 fp32 compiled, our kernels", "fp32", 16.06, 0.96),
     ("llama31 bf16 compiled, our kernels", "bf16", 30.26, 0.91),
