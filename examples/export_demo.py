@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     sample = heldout[:SAMPLE_TOKENS]
     sample_loss = heldout_loss(model, sample)
 
-    llama = Llama.build()  # what examples/generate.py runs: the demo folder, packed for the CPU
+    llama = Llama.build()  # what examples/generate.py runs: the demo folder, with its default CPU kernels
     greedy = llama.text_completion([PROMPT], max_gen_len=GREEDY_TOKENS, temperature=0)[0]
 
     settings = run["settings"]

@@ -23,6 +23,7 @@ import torch
 
 from llama31 import Transformer
 from llama31.checkpoints.names import meta_rows_to_hf
+from llama31.cpu import gemv
 from llama31.cpu.packed import PackedLinear
 from llama31.model.rope import RotaryEmbedding
 from reference import check as check_module
@@ -95,14 +96,23 @@ def test_llama31_passes_fp32_and_every_statistical_tier(name, goldens):
     assert check(golden, cand, "fp32").figures["max_deviation"] <= FP32_TOL / 10
 
 
+@pytest.mark.parametrize("kernel", ["packed", "gemv"])
 @pytest.mark.parametrize("name", NAMES)
-def test_llama31_default_cpu_model_with_packed_weights_passes_fp32(name, goldens):
-    """What users run on a CPU (from_pretrained packs the large linear weights for oneDNN) is another float32
-    kernel: other summation order, not the same bits, but within the fp32 tier."""
+def test_llama31_default_cpu_kernels_pass_fp32(name, kernel, goldens):
+    """What users run on a CPU (from_pretrained's default kernels for large layers, llama31/cpu/defaults.py:
+    oneDNN's packed layout, and our matrix-vector kernel for float32 decode steps) is another float32 kernel:
+    other summation order, not the same bits, but within the fp32 tier. Forced here on every layer: these models
+    are tiny."""
     golden = goldens[name]
-    model = Transformer.from_pretrained(CHECKPOINTS / name, pack=True)  # every layer: these models are tiny
-    assert isinstance(model.output, PackedLinear)
-    report = check(golden, candidate_from(model, golden, "packed"), "fp32")
+    if kernel == "packed":
+        model = Transformer.from_pretrained(CHECKPOINTS / name, pack=True)
+        assert isinstance(model.output, PackedLinear)
+    else:
+        if gemv.unsupported():
+            pytest.skip(f"our matrix-vector kernel cannot run here: {gemv.unsupported()}")
+        model = load_model(name)
+        assert gemv.use_gemv(model) > 0 and isinstance(model.output, gemv.GemvLinear)
+    report = check(golden, candidate_from(model, golden, kernel), "fp32")
     assert report.passed, report.text
 
 

@@ -1,4 +1,4 @@
-"""What does torch.compile gain for decoding on a CPU? One decode step, eager (packed and plain) vs compiled.
+"""What does torch.compile gain for decoding on a CPU? One decode step, eager (default and plain) vs compiled.
 
     python examples/bench/bench_compile.py                 # the benchmark's 3.2-1B-shaped random model, fp32 + bf16
     python examples/bench/bench_compile.py --preset tiny        # where Python overhead dominates
@@ -6,14 +6,14 @@
 
 Loads the random model that examples/bench/benchmark.py saves (same --preset, --cache-dir) three ways, in this
 process, one after the other:
-    eager packed   Transformer.from_pretrained as users get it (large linear weights packed for oneDNN)
+    eager default  Transformer.from_pretrained as users get it (its default CPU kernels, llama31/cpu/defaults.py)
     eager plain    pack=False (F.linear)
     compiled       llama31.cpu.compiled.CompiledDecoder over the plain model, as Llama(compile=True) and
                    generate.py --compile run it: torch.compile(dynamic=True) with frozen weights and
                    max-autotune (inductor's C++ GEMM kernels timed against ATen's for each weight shape)
 and times --steps single-token decode steps after a --prompt-token prefill. Reports the compile time (the
 first two steps: autotuning included unless inductor's disk cache already has the kernels), the median step,
-and the speed-up of the compiled step over the eager packed one.
+and the speed-up of the compiled step over the eager default one.
 
 --against JSON measures inductor settings instead: two copies of the model, one compiled with the settings of
 llama31/cpu/compiled.py (INDUCTOR_OPTIONS) and one with those replaced by JSON, their steps alternated (--reps
@@ -154,13 +154,13 @@ def main(argv=None) -> int:
         return 0
     folder = model_folder(args.preset, Path(args.cache_dir).expanduser())
     print(f"{args.preset}, {args.threads} thread(s), {args.steps} steps after a {args.prompt}-token prompt")
-    print(f"{'':6}{'eager packed':>16}{'eager plain':>16}{'compiled':>16}{'compile time':>15}"
+    print(f"{'':6}{'eager default':>16}{'eager plain':>16}{'compiled':>16}{'compile time':>15}"
           f"{'speed-up of compiled':>22}")
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         row = {}
-        for mode in ("packed", "plain", "compiled"):
-            pack = None if mode == "packed" else False  # None: as from_pretrained packs by default
+        for mode in ("default", "plain", "compiled"):
+            pack = None if mode == "default" else False  # None: from_pretrained's default kernels
             model = Transformer.from_pretrained(folder, dtype=dtype, pack=pack).eval()
             step = CompiledDecoder(model) if mode == "compiled" else model
             if mode != "compiled":  # warm-up, not recorded (the compiled run's first two steps are its warm-up)
@@ -169,9 +169,9 @@ def main(argv=None) -> int:
             row[mode] = (first, median)
             del model, step
             torch._dynamo.reset()
-        packed, plain, compiled = (1e3 * row[m][1] for m in ("packed", "plain", "compiled"))
-        print(f"{name:6}{packed:>13.2f} ms{plain:>13.2f} ms{compiled:>13.2f} ms{row['compiled'][0]:>13.1f} s"
-              f"{packed / compiled:>21.2f}x", flush=True)
+        default, plain, compiled = (1e3 * row[m][1] for m in ("default", "plain", "compiled"))
+        print(f"{name:6}{default:>13.2f} ms{plain:>13.2f} ms{compiled:>13.2f} ms{row['compiled'][0]:>13.1f} s"
+              f"{default / compiled:>21.2f}x", flush=True)
     return 0
 
 

@@ -74,7 +74,8 @@ def build_demo_model(*, dtype: torch.dtype = torch.float32, device=None) -> Tran
     """The demo model (llama31.model.Transformer, DEMO_ARGS) loaded from ``demo_checkpoint()``'s HF folder.
 
     dtype, device: of the weights (the file's bfloat16 values, exactly representable in float32). The linear
-    weights stay plain (pack=False): the caller packs them if it wants (Llama.build does).
+    weights stay plain (pack=False): the caller gives them faster CPU kernels if it wants (Llama.build does,
+    llama31/cpu/defaults.py).
     """
     folder = demo_checkpoint()
     model = Transformer.from_pretrained(folder, dtype=dtype, device=device, pack=False)
