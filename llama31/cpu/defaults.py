@@ -1,12 +1,13 @@
 """Which CPU kernel each linear layer of a loaded model gets: the ``pack`` option of Transformer.from_pretrained
 and Llama.build.
 
-Why a choice at all: decoding multiplies one row per sequence by every weight matrix, so a step goes as fast as
-the weights stream from memory, and the kernels that stream fastest differ by dtype. Measured on the 1B shape
-(docs/benchmarks.md, "The default kernels"): for float32, our matrix-vector kernel (gemv.py) on the plain
-weights decodes about 1.5x faster than oneDNN's packed layout, and its prompts (oneDNN's kernel on the plain
-weight) are level with the packed ones; for bf16 the two decode about level, and the packed layout's prompts are
-faster, so bf16 stays packed.
+Why a choice at all: decoding multiplies one row per sequence by every weight matrix, so a step goes as fast as the
+weights stream from memory, and which kernel streams fastest, without slowing prompts, differs by dtype. In
+float32, oneDNN's kernel on its packed layout is held back by the cores, while our matrix-vector kernel (gemv.py)
+on the plain weights keeps up with the memory, and prompts run as fast on the plain weight (oneDNN's kernel either
+way). In bf16, prompts run slower on the plain weight than on the packed layout: our kernel would win decode steps
+and lose prompts, so bf16 stays packed (compile=True takes our kernel for its steps). docs/benchmarks.md measures
+both ("Our kernel without its prefetch, and as the float32 default").
 
     choose_kernels(model, None)   # the default: float32 layers -> GemvLinear where the CPU has AVX512-BF16,
                                   # the rest (bf16, or any CPU without it) -> PackedLinear
