@@ -12,10 +12,11 @@ close each available kernel comes, shape by shape. For each shape it builds enou
 (24x a 32 MiB L3 by default: none is served from the cache) and walks them in turn, as a model walks its layers:
 
   llama31 gemv    our matrix-vector kernel (llama31/cpu/gemv.py), on the plain weights: what compiled decoding
-                  (Llama(compile=True), generate.py --compile) multiplies with where the CPU has AVX512-BF16
+                  (Llama(compile=True), generate.py --compile) and the eager float32 default multiply with where
+                  the CPU has AVX512-BF16
   gemv 2M pages   the same kernel on copies of the weights in 2 MiB pages (llama31/cpu/hugepages.py), where
                   compiled decoding keeps them; against the read of the weights in torch's 4 KiB pages
-  oneDNN packed   llama31's PackedLinear: oneDNN's layout for one row (the eager CPU default)
+  oneDNN packed   llama31's PackedLinear: oneDNN's layout for one row (the eager bf16 default)
   MKL packed      torch.ops.mkl._mkl_linear on an MKL-packed weight (what torch.compile uses for fp32 linears;
                   fp32 only)
   F.linear        what HF transformers and llama31 with pack=False run
