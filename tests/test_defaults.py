@@ -20,6 +20,8 @@ from llama31.cpu.gemv import GemvLinear
 from llama31.cpu.packed import PackedLinear, packing_supported
 
 TOL = 1e-4
+NO_PACKING = packing_supported(torch.empty(1))  # None where oneDNN can pack float32 here, else why not
+needs_packing = pytest.mark.skipif(NO_PACKING is not None, reason=f"no oneDNN packing here: {NO_PACKING}")
 # dim 128, hidden 4096: w1 / w3 / w2 have 2^19 weights (PACK_MIN_WEIGHTS, the size from which a layer gets a
 # faster kernel), wq 2^14
 LARGE_FFN = dict(hidden_size=128, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=2)
@@ -29,7 +31,7 @@ def float32_default_kernel():
     """What the default gives a large float32 layer here: our kernel where it runs, else oneDNN's packing."""
     if gemv.unsupported() is None:
         return GemvLinear
-    return PackedLinear if packing_supported(torch.empty(1)) is None else nn.Linear
+    return PackedLinear if NO_PACKING is None else nn.Linear
 
 
 def max_error_against_hf(model, hf) -> float:
@@ -55,9 +57,8 @@ def test_float32_default_gives_large_layers_the_fastest_kernel_and_keeps_hf_logi
     assert max_error_against_hf(model, hf) <= TOL
 
 
+@needs_packing
 def test_without_our_kernel_the_float32_default_packs_for_onednn(hf_folder, monkeypatch):
-    if packing_supported(torch.empty(1)) is not None:
-        pytest.skip(f"no oneDNN packing here: {packing_supported(torch.empty(1))}")
     monkeypatch.setattr(gemv, "unsupported", lambda: "this CPU lacks AVX512-BF16")  # as on a CPU without it
     folder, hf = hf_folder(seed=0, **LARGE_FFN)
     model = Transformer.from_pretrained(folder)
@@ -71,14 +72,13 @@ def test_bf16_default_packs_large_layers_for_onednn(hf_folder):
         pytest.skip(f"no bf16 oneDNN packing here: {packing_supported(torch.empty(1, dtype=torch.bfloat16))}")
     folder, _ = hf_folder(seed=0, **LARGE_FFN)
     model = Transformer.from_pretrained(folder, dtype=torch.bfloat16)
-    # bf16 prompts run faster on the packed layout than on plain weights, and its decode steps about level
+    # bf16 prompts run slower on plain weights than on the packed layout (llama31/cpu/defaults.py)
     assert type(model.layers[0].feed_forward.w1) is PackedLinear
     assert type(model.layers[0].attention.wq) is nn.Linear
 
 
+@needs_packing
 def test_pack_true_packs_every_layer_and_pack_false_none(hf_folder):
-    if packing_supported(torch.empty(1)) is not None:
-        pytest.skip(f"no oneDNN packing here: {packing_supported(torch.empty(1))}")
     folder, _ = hf_folder(seed=0, **LARGE_FFN)
     packed = Transformer.from_pretrained(folder, pack=True)
     assert not any(type(m) in (nn.Linear, GemvLinear) for m in packed.modules())
@@ -108,8 +108,8 @@ def test_a_model_with_faster_kernels_does_not_keep_its_checkpoint_file_mapped(hf
 
     if float32_default_kernel() is nn.Linear:
         pytest.skip("neither our kernel nor oneDNN's packing runs here: nothing is swapped")
-    if pack and packing_supported(torch.empty(1)) is not None:
-        pytest.skip(f"no oneDNN packing here: {packing_supported(torch.empty(1))}")
+    if pack and NO_PACKING is not None:
+        pytest.skip(f"no oneDNN packing here: {NO_PACKING}")
     folder, _ = hf_folder(seed=0, tie_word_embeddings=True, **LARGE_FFN)
 
     def mapped(model) -> bool:

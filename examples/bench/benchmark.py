@@ -266,7 +266,7 @@ class Llama31Engine:
         self.baseline = take_baseline_rss()
         # pack as from_pretrained takes it: None, as users load it (its default CPU kernels,
         # llama31/cpu/defaults.py); False plain nn.Linear; True oneDNN's packed layout for every layer
-        if dtype in INT4_DTYPES:  # as Llama.build(int4_group_size=..., int4_output=...): quantize, then pack
+        if dtype in INT4_DTYPES:  # as Llama.build(int4_group_size=..., int4_output=...): quantize, then choose kernels
             from llama31.cpu.defaults import choose_kernels
             from llama31.quant import quantize_model
 
